@@ -1,0 +1,1 @@
+"""The `modelyo` command line."""

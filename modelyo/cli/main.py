@@ -1,0 +1,59 @@
+"""Entry point of the `modelyo` command.
+
+Exit codes (documented in the README):
+  0  success
+  1  an error: the message says what is wrong and what to do
+  2  the command line itself is wrong (click's usage errors)
+  3  attestation or verification refused the evidence
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from modelyo import __version__
+from modelyo.errors import AttestationError, ModelyoError
+
+EXIT_ERROR = 1
+EXIT_REFUSED = 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelyo")
+def cli() -> None:
+    """Modelyo: confidential GPU computing on attested Intel TDX VMs with an SGX key service."""
+
+
+def _register() -> None:
+    # Each command group lives in its own module; they are attached here, in one place.
+    pass
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI, turning Modelyo errors into a one-line message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="modelyo", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_ERROR
+    except AttestationError as exc:
+        click.secho(f"refused: {exc}", fg="red", err=True)
+        return EXIT_REFUSED
+    except ModelyoError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
