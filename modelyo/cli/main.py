@@ -28,7 +28,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command group lives in its own module; they are attached here, in one place.
-    pass
+    from modelyo.cli.quote import quote
+
+    cli.add_command(quote)
 
 
 _register()

@@ -1,0 +1,1 @@
+"""Container images Modelyo builds itself, without a registry (see `base` for the job image)."""
