@@ -174,6 +174,11 @@ class SgxReportBody:
     config_svn: int = 0
     isv_family_id: bytes = bytes(16)
     report_data: bytes = bytes(64)
+    # Reserved areas are kept as read, so that parsing and encoding round-trip exactly.
+    reserved1: bytes = bytes(12)
+    reserved2: bytes = bytes(32)
+    reserved3: bytes = bytes(32)
+    reserved4: bytes = bytes(42)
 
     @property
     def debug(self) -> bool:
@@ -184,16 +189,16 @@ class SgxReportBody:
             [
                 _fixed(self.cpu_svn, 16, "cpu_svn"),
                 struct.pack("<I", self.misc_select),
-                bytes(12),
+                _fixed(self.reserved1, 12, "reserved1"),
                 _fixed(self.isv_ext_prod_id, 16, "isv_ext_prod_id"),
                 _fixed(self.attributes, 16, "attributes"),
                 _fixed(self.mr_enclave, 32, "mr_enclave"),
-                bytes(32),
+                _fixed(self.reserved2, 32, "reserved2"),
                 _fixed(self.mr_signer, 32, "mr_signer"),
-                bytes(32),
+                _fixed(self.reserved3, 32, "reserved3"),
                 _fixed(self.config_id, 64, "config_id"),
                 struct.pack("<HHH", self.isv_prod_id, self.isv_svn, self.config_svn),
-                bytes(42),
+                _fixed(self.reserved4, 42, "reserved4"),
                 _fixed(self.isv_family_id, 16, "isv_family_id"),
                 _fixed(self.report_data, 64, "report_data"),
             ]
@@ -205,18 +210,18 @@ class SgxReportBody:
         r.offset -= SGX_REPORT_BODY_SIZE
         cpu_svn = r.take(16, f"{name}.cpu_svn")
         misc_select = r.u32(f"{name}.misc_select")
-        r.take(12, f"{name}.reserved1")
+        reserved1 = r.take(12, f"{name}.reserved1")
         isv_ext_prod_id = r.take(16, f"{name}.isv_ext_prod_id")
         attributes = r.take(16, f"{name}.attributes")
         mr_enclave = r.take(32, f"{name}.mr_enclave")
-        r.take(32, f"{name}.reserved2")
+        reserved2 = r.take(32, f"{name}.reserved2")
         mr_signer = r.take(32, f"{name}.mr_signer")
-        r.take(32, f"{name}.reserved3")
+        reserved3 = r.take(32, f"{name}.reserved3")
         config_id = r.take(64, f"{name}.config_id")
         isv_prod_id = r.u16(f"{name}.isv_prod_id")
         isv_svn = r.u16(f"{name}.isv_svn")
         config_svn = r.u16(f"{name}.config_svn")
-        r.take(42, f"{name}.reserved4")
+        reserved4 = r.take(42, f"{name}.reserved4")
         isv_family_id = r.take(16, f"{name}.isv_family_id")
         report_data = r.take(64, f"{name}.report_data")
         return cls(
@@ -232,6 +237,10 @@ class SgxReportBody:
             config_svn=config_svn,
             isv_family_id=isv_family_id,
             report_data=report_data,
+            reserved1=reserved1,
+            reserved2=reserved2,
+            reserved3=reserved3,
+            reserved4=reserved4,
         )
 
 
@@ -257,8 +266,16 @@ class TdReportBody:
     tee_tcb_svn2: bytes | None = None
     mr_service_td: bytes | None = None
 
-    _FIELDS48 = ("mr_td", "mr_config_id", "mr_owner", "mr_owner_config",
-                 "rtmr0", "rtmr1", "rtmr2", "rtmr3")  # fmt: skip
+    _FIELDS48 = (
+        "mr_td",
+        "mr_config_id",
+        "mr_owner",
+        "mr_owner_config",
+        "rtmr0",
+        "rtmr1",
+        "rtmr2",
+        "rtmr3",
+    )
 
     @property
     def is_td15(self) -> bool:
@@ -468,12 +485,12 @@ class Quote:
                 "body_type": self.body_type,
                 "size": len(self.raw),
                 "header": asdict(self.header),
-                "body": {k: v for k, v in asdict(self.body).items() if v is not None},
+                "body": _public(asdict(self.body)),
                 "debug": self.debug,
                 "signature_data": {
                     "signature": sig.signature,
                     "attestation_key": sig.attestation_key,
-                    "qe_report": asdict(sig.qe_report),
+                    "qe_report": _public(asdict(sig.qe_report)),
                     "qe_report_signature": sig.qe_report_signature,
                     "qe_auth_data": sig.qe_auth_data,
                     "cert_type": sig.cert_type,
@@ -481,6 +498,10 @@ class Quote:
                 },
             }
         )
+
+
+def _public(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None and not k.startswith("reserved")}
 
 
 def _hexify(value: Any) -> Any:

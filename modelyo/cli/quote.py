@@ -58,8 +58,12 @@ def show(file: Path, as_json: bool) -> None:
     show_default=True,
     help="Trust root: intel, simulation (the local simulated platform), or a certificate PATH.",
 )
-@click.option("--policy", "policy_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Policy file (TOML or JSON) with [ca] / [tdx] sections.")  # fmt: skip
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Policy file (TOML or JSON) with [ca] / [tdx] sections.",
+)
 @click.option("--mrenclave", multiple=True, help="Allowed MRENCLAVE (hex); repeatable.")
 @click.option("--mrsigner", multiple=True, help="Allowed MRSIGNER (hex); repeatable.")
 @click.option("--mrtd", multiple=True, help="Allowed MRTD (hex); repeatable.")

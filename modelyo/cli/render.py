@@ -7,7 +7,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from modelyo.attestation.quote import Quote
 from modelyo.attestation.verify import Verdict
@@ -25,27 +24,29 @@ def print_json(console: Console, data: Any) -> None:
 
 
 def render_quote(console: Console, quote: Quote) -> None:
-    """The parsed fields a user debugging attestation looks at first."""
-    table = Table(title=f"{quote.tee.upper()} quote v{quote.version}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
+    """The parsed fields a user debugging attestation looks at first, one per line."""
     h = quote.header
-    table.add_row("size", f"{len(quote.raw)} bytes (signed region {quote.signed_size})")
-    table.add_row("qe vendor id", h.qe_vendor_id.hex())
-    table.add_row("qe svn / pce svn", f"{h.qe_svn} / {h.pce_svn}")
-    if quote.body_type is not None:
-        table.add_row("body type", str(quote.body_type))
-    for name, value in quote.measurements().items():
-        table.add_row(name, value)
-    table.add_row("debug", "YES (never trusted)" if quote.debug else "no")
-    table.add_row("report data", quote.report_data.hex())
     sig = quote.signature_data
-    table.add_row("attestation key", sig.attestation_key.hex())
-    table.add_row("qe mrsigner", sig.qe_report.mr_signer.hex())
-    table.add_row("qe isvprodid / isvsvn", f"{sig.qe_report.isv_prod_id} / {sig.qe_report.isv_svn}")
-    chain = sig.pck_chain_pem()
-    table.add_row("pck chain", f"{len(chain)} certificates (cert type {sig.cert_type})")
-    console.print(table)
+    rows: list[tuple[str, str]] = [
+        ("size", f"{len(quote.raw)} bytes (signed region {quote.signed_size})"),
+        ("qe vendor id", h.qe_vendor_id.hex()),
+        ("qe svn / pce svn", f"{h.qe_svn} / {h.pce_svn}"),
+    ]
+    if quote.body_type is not None:
+        rows.append(("body type", str(quote.body_type)))
+    rows += list(quote.measurements().items())
+    rows += [
+        ("debug", "YES (never trusted)" if quote.debug else "no"),
+        ("report data", quote.report_data.hex()),
+        ("attestation key", sig.attestation_key.hex()),
+        ("qe mrsigner", sig.qe_report.mr_signer.hex()),
+        ("qe isvprodid / isvsvn", f"{sig.qe_report.isv_prod_id} / {sig.qe_report.isv_svn}"),
+        ("pck chain", f"{len(sig.pck_chain_pem())} certificates (cert type {sig.cert_type})"),
+    ]
+    console.print(f"[bold]{quote.tee.upper()} quote v{quote.version}[/]")
+    # soft_wrap: long hex values stay on one line, so they can be copied into a policy.
+    for name, value in rows:
+        console.print(f"  {name}: {value}", soft_wrap=True, highlight=False)
 
 
 def render_verdict(console: Console, verdict: Verdict) -> None:
@@ -59,7 +60,7 @@ def render_verdict(console: Console, verdict: Verdict) -> None:
         console.print(f"  TCB status: {verdict.status}")
         console.print(f"  advisories: {', '.join(verdict.advisories) or 'none'}")
     for name, value in verdict.measurements.items():
-        console.print(f"  {name}: {value}")
+        console.print(f"  {name}: {value}", soft_wrap=True, highlight=False)
     console.print("checks:")
     for check in verdict.checks:
         console.print(f"  {_MARK[check.ok]} {check.name}: {escape(check.detail)}", highlight=False)
