@@ -5,9 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from enum import StrEnum
 
-from modelyo.errors import PlatformError
+from modelyo.errors import PlatformError, QuoteFormatError
 
 REPORT_DATA_SIZE = 64
+# configfs-tsm: outblobs larger than 8 KiB are CBOR Web Tokens from DICE-based TDX platforms.
+DICE_CWT_MIN_SIZE = 8 * 1024
 
 
 class Tee(StrEnum):
@@ -26,6 +28,41 @@ def check_report_data(report_data: bytes) -> bytes:
             "build it with modelyo.attestation.binding.report_data()"
         )
     return bytes(report_data)
+
+
+def check_quote_binding(raw: bytes, report_data: bytes, tee: Tee, *, source: str) -> None:
+    """Refuse `raw` unless it parses as a `tee` quote whose REPORTDATA equals `report_data`.
+
+    A platform handing back someone else's quote (a stale one, or one produced for a
+    concurrent request) must never reach a caller that will bind its TLS key to it.
+    """
+    # Imported here: the quote module itself imports `Tee` from this module.
+    from modelyo.attestation.quote import parse_quote
+
+    try:
+        quote = parse_quote(raw)
+    except QuoteFormatError as exc:
+        hint = "check the platform's quoting stack"
+        if tee is Tee.TDX and len(raw) > DICE_CWT_MIN_SIZE:
+            hint = (
+                "quotes over 8 KiB are CBOR Web Tokens from DICE-based TDX platforms, "
+                "which Modelyo does not support"
+            )
+        raise PlatformError(
+            f"{source} returned {len(raw)} bytes that are not a DCAP quote ({exc}); {hint}"
+        ) from exc
+    if quote.tee != tee:
+        raise PlatformError(
+            f"{source} returned a {Tee(quote.tee).name} quote where a {tee.name} quote was "
+            f"expected; check that this provider matches the platform it runs on"
+        )
+    if quote.report_data != report_data:
+        raise PlatformError(
+            f"{source} returned a quote whose REPORTDATA ({quote.report_data.hex()[:16]}…) "
+            f"differs from the one requested ({report_data.hex()[:16]}…): another process may "
+            "have changed the request concurrently; retry, and treat repeated failures as "
+            "tampering"
+        )
 
 
 class QuoteProvider(ABC):

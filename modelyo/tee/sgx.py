@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from modelyo.errors import PlatformError
-from modelyo.tee.provider import QuoteProvider, Tee, check_report_data
-from modelyo.tee.tdx import check_quote_binding
+from modelyo.tee.provider import QuoteProvider, Tee, check_quote_binding, check_report_data
 
 DEFAULT_GRAMINE_ROOT = Path("/dev/attestation")
 

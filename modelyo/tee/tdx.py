@@ -24,53 +24,18 @@ import os
 import secrets
 from pathlib import Path
 
-from modelyo.attestation.quote import parse_quote
-from modelyo.errors import PlatformError, QuoteFormatError
-from modelyo.tee.provider import QuoteProvider, Tee, check_report_data
+from modelyo.errors import PlatformError
+from modelyo.tee.provider import QuoteProvider, Tee, check_quote_binding, check_report_data
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 TDX_PROVIDER_NAME = "tdx_guest"
-# The ABI: quotes larger than 8 KiB are CBOR Web Tokens from DICE-based TDX platforms.
-_DICE_CWT_MIN_SIZE = 8 * 1024
 
 _MOUNT_HINT = (
     "run inside a TDX guest with Linux >= 6.7 and configfs mounted "
     "(mount -t configfs none /sys/kernel/config)"
 )
-
-
-def check_quote_binding(raw: bytes, report_data: bytes, tee: Tee, *, source: str) -> None:
-    """Refuse `raw` unless it parses as a `tee` quote whose REPORTDATA equals `report_data`.
-
-    A platform handing back someone else's quote (a stale one, or one produced for a
-    concurrent request) must never reach a caller that will bind its TLS key to it.
-    """
-    try:
-        quote = parse_quote(raw)
-    except QuoteFormatError as exc:
-        hint = "check the platform's quoting stack"
-        if tee is Tee.TDX and len(raw) > _DICE_CWT_MIN_SIZE:
-            hint = (
-                "quotes over 8 KiB are CBOR Web Tokens from DICE-based TDX platforms, "
-                "which Modelyo does not support"
-            )
-        raise PlatformError(
-            f"{source} returned {len(raw)} bytes that are not a DCAP quote ({exc}); {hint}"
-        ) from exc
-    if quote.tee != tee:
-        raise PlatformError(
-            f"{source} returned a {Tee(quote.tee).name} quote where a {tee.name} quote was "
-            f"expected; check that this provider matches the platform it runs on"
-        )
-    if quote.report_data != report_data:
-        raise PlatformError(
-            f"{source} returned a quote whose REPORTDATA ({quote.report_data.hex()[:16]}…) "
-            f"differs from the one requested ({report_data.hex()[:16]}…): another process may "
-            "have changed the request concurrently; retry, and treat repeated failures as "
-            "tampering"
-        )
 
 
 class ConfigfsTsmProvider(QuoteProvider):
