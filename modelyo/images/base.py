@@ -3,7 +3,7 @@
 Three steps, each reused when its inputs have not changed:
 
 1. a Debian bookworm root file system made by `mmdebstrap` and `docker import`-ed as
-   `modelyo/debian:bookworm` (reused whenever that tag exists);
+   `modelyo/debian:bookworm` (reused while its recipe, the package list, is the same);
 2. wheels for pandas, pyarrow, cryptography and modelyo's dependencies, downloaded on the host
    for the engine's architecture and CPython 3.11 (cached per requirement set);
 3. a Dockerfile build with the network off that puts those wheels and a freshly built modelyo
@@ -48,7 +48,8 @@ PYTHON_VERSION = "3.11"
 PYTHON_ABI = "cp311"
 # bookworm has glibc 2.36: every manylinux wheel up to that level runs on it.
 GLIBC_MINOR = 36
-DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# libstdc++6: manylinux wheels with C++ inside (numpy, pyarrow) expect the system's copy.
+DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libstdc++6")
 # What jobs can count on besides modelyo itself.
 JOB_REQUIREMENTS = ("pandas", "pyarrow", "cryptography")
 
@@ -57,6 +58,10 @@ LABEL_SOURCE = "io.modelyo.source-hash"
 LABEL_WHEELS = "io.modelyo.wheels"
 LABEL_BASE = "io.modelyo.base-image"
 LABEL_VERSION = "io.modelyo.version"
+LABEL_DEBIAN_RECIPE = "io.modelyo.debian-recipe"
+# Set by Dockerfile.base on its first stage (the venv with the third-party wheels).
+LABEL_STAGE = "io.modelyo.stage"
+LABEL_DEPS_KEY = "io.modelyo.deps-key"
 
 # Bumped when the way the image is put together changes in a way the hashed inputs do not show.
 _RECIPE_VERSION = "1"
@@ -100,7 +105,7 @@ class BuildResult:
 
 
 def source_root() -> Path:
-    """The checkout holding the modelyo package this process imports (its wheel is built from it)."""
+    """The checkout holding the modelyo package imported here (its wheel is built from it)."""
     import modelyo
 
     root = Path(modelyo.__file__).resolve().parent.parent
@@ -226,7 +231,7 @@ class _Step:
 
 
 def _run_logged(cmd: Sequence[str], step: _Step, log: Path, failure: str) -> None:
-    """Run `cmd` with its output in `log`, ticking the status; EngineError with the tail if it fails."""
+    """Run `cmd` logging to `log`, ticking the status; EngineError with the log tail on failure."""
     with log.open("wb") as out:
         try:
             # stdin closed: mmdebstrap reads sources from a non-terminal stdin, pip might prompt.
@@ -255,6 +260,7 @@ def connect(timeout: int = 900) -> docker.DockerClient:
     """A client for the engine DOCKER_HOST (or the default socket) names, checked to answer."""
     try:
         import docker
+        import requests
     except ImportError:
         raise EngineError(
             "the docker Python SDK is not installed; install it with `pip install 'modelyo[agent]'`"
@@ -264,7 +270,7 @@ def connect(timeout: int = 900) -> docker.DockerClient:
         # A long timeout: importing a root file system and installing wheels are single calls.
         client = docker.from_env(timeout=timeout)
         client.ping()
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, requests.RequestException) as exc:
         raise EngineError(
             f"no Docker engine answers at {where}: {exc}; start one (on Debian as root, "
             f"scripts/ensure-docker.sh installs docker.io and starts dockerd), or install "
@@ -323,10 +329,9 @@ def host_apt_options() -> list[str]:
     ]
 
 
-def mmdebstrap_command(machine: str, output: Path) -> list[str]:
-    """The mmdebstrap call that writes a bookworm root file system with Python 3.11 to `output`."""
+def _debian_options(machine: str) -> list[str]:
+    """The mmdebstrap options that decide what the root file system contains."""
     return [
-        "mmdebstrap",
         "--variant=essential",
         f"--architectures={_arch(machine)[1]}",
         f"--include={','.join(DEBIAN_PACKAGES)}",
@@ -334,22 +339,41 @@ def mmdebstrap_command(machine: str, output: Path) -> list[str]:
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+    ]
+
+
+def debian_recipe(machine: str) -> str:
+    """Hash of what goes into the Debian base, so a changed package list re-bootstraps it."""
+    document = [_RECIPE_VERSION, DEBIAN_SUITE, *_debian_options(machine)]
+    return hashlib.sha256(json.dumps(document).encode()).hexdigest()
+
+
+def mmdebstrap_command(machine: str, output: Path) -> list[str]:
+    """The mmdebstrap call that writes a bookworm root file system with Python 3.11 to `output`."""
+    return [
+        "mmdebstrap",
+        *_debian_options(machine),
         *(f"--aptopt={option}" for option in host_apt_options()),
         DEBIAN_SUITE,
         str(output),
+        # Explicit sources: without them mmdebstrap reads sources from a non-terminal stdin.
         *debian_mirrors(),
     ]
 
 
 def ensure_debian_base(
     client: docker.DockerClient, machine: str, steps: _Steps, *, force: bool = False
-) -> str:
-    """The id of `modelyo/debian:bookworm`, bootstrapped and imported when missing (or forced)."""
+) -> tuple[str, str | None]:
+    """`modelyo/debian:bookworm`, bootstrapped and imported when missing or stale.
+
+    Returns its id and the id of the image it replaced, if any.
+    """
+    recipe = debian_recipe(machine)
     existing = _image_or_none(client, DEBIAN_TAG)
-    if existing is not None and not force:
+    if existing is not None and not force and existing.labels.get(LABEL_DEBIAN_RECIPE) == recipe:
         with steps.step(f"Debian base {DEBIAN_TAG}") as step:
             step.outcome = f"Debian base {DEBIAN_TAG} reused ({existing.short_id})"
-        return existing.id
+        return existing.id, None
 
     if shutil.which("mmdebstrap") is None:
         raise EngineError(
@@ -370,19 +394,21 @@ def ensure_debian_base(
             )
             step.outcome = f"mmdebstrap {DEBIAN_SUITE}: {rootfs.stat().st_size / 2**20:.0f} MiB"
         with steps.step(f"docker import as {DEBIAN_TAG}") as step:
-            image_id = _import_rootfs(client, rootfs)
+            image_id = _import_rootfs(client, rootfs, recipe)
             # Tagged only now that the import is complete.
             _tag(client, image_id, DEBIAN_TAG)
             step.outcome = f"imported {DEBIAN_TAG} ({image_id[:19]})"
-    return image_id
+    replaced = existing.id if existing is not None and existing.id != image_id else None
+    return image_id, replaced
 
 
-def _import_rootfs(client: docker.DockerClient, rootfs: Path) -> str:
+def _import_rootfs(client: docker.DockerClient, rootfs: Path, recipe: str) -> str:
     import docker
 
     changes = [
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "ENV LANG=C.UTF-8",
+        f"LABEL {LABEL_DEBIAN_RECIPE}={recipe}",
         'CMD ["/bin/bash"]',
     ]
     try:
@@ -436,7 +462,7 @@ def download_wheels(
     title = f"wheels for {', '.join(JOB_REQUIREMENTS)} and modelyo's dependencies"
     if not refresh and (cached := cached_wheels(reqs, machine)) is not None:
         with steps.step(title) as step:
-            step.outcome = f"{len(cached.names)} wheels from the cache {cached.directory}"
+            step.outcome = f"{len(cached.names)} wheels from the cache ({cached.directory.name})"
         return cached
 
     target = cache_dir() / "wheels" / f"{_arch(machine)[0]}-{wheel_set_key(reqs, machine)}"
@@ -472,7 +498,7 @@ def download_wheels(
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
-            step.outcome = f"{len(names)} wheels downloaded to {target}"
+            step.outcome = f"{len(names)} wheels downloaded ({target.name})"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return WheelSet(target, names)
@@ -528,6 +554,7 @@ def _build_image(
     client: docker.DockerClient,
     context: Path,
     labels: dict[str, str],
+    deps_key: str,
     steps: _Steps,
     *,
     nocache: bool,
@@ -541,7 +568,7 @@ def _build_image(
             stream = client.api.build(
                 path=str(context),
                 dockerfile="Dockerfile",
-                buildargs={"BASE": DEBIAN_TAG},
+                buildargs={"BASE": DEBIAN_TAG, "DEPS_KEY": deps_key},
                 labels=labels,
                 network_mode="none",  # every byte comes from the context
                 pull=False,
@@ -554,8 +581,10 @@ def _build_image(
             for chunk in stream:
                 if "error" in chunk:
                     raise EngineError(
-                        f"docker build of the job image failed: {chunk['error'].strip()}; "
-                        f"last build log lines:\n" + "\n".join(lines)
+                        f"docker build of the job image failed: {chunk['error'].strip()} "
+                        f"(the previous image, if any, keeps its tag; fix the cause shown "
+                        f"below, or rebuild from scratch with --force); last build log lines:\n"
+                        + "\n".join(lines)
                     )
                 if aux := chunk.get("aux"):
                     image_id = aux.get("ID", image_id)
@@ -597,7 +626,7 @@ def build_base(
         step.outcome = f"Docker engine {info.get('ServerVersion', '?')} on {machine}"
 
     root = source_root()
-    base_id = ensure_debian_base(client, machine, steps, force=force)
+    base_id, replaced_base = ensure_debian_base(client, machine, steps, force=force)
     wheels = download_wheels(requirements(root), machine, steps, refresh=force)
     source = source_digest(root)
     digest = inputs_digest(source, wheels.names, base_id)
@@ -626,14 +655,40 @@ def build_base(
             LABEL_BASE: base_id,
             LABEL_VERSION: modelyo.__version__,
         }
-        image_id = _build_image(client, context, labels, steps, nocache=force)
+        deps_key = hashlib.sha256(f"{base_id}\n{labels[LABEL_WHEELS]}".encode()).hexdigest()[:20]
+        image_id = _build_image(client, context, labels, deps_key, steps, nocache=force)
 
     # Tagged only after a successful build: a failure leaves the previous image in place.
     _tag(client, image_id, tag)
-    if current is not None and current.id != image_id:
-        _remove_quietly(client, current.id)
+    _drop_replaced(client, current.id if current else None, image_id, deps_key, replaced_base)
     steps.console.print(f"[green]✓[/] {tag} built ({image_id[:19]})")
     return BuildResult(tag, image_id, digest, built=True)
+
+
+def _drop_replaced(
+    client: docker.DockerClient,
+    old_image: str | None,
+    new_image: str,
+    deps_key: str,
+    old_base: str | None,
+) -> None:
+    """Free what a rebuild made obsolete; the current first stage stays as the build cache."""
+    import docker
+
+    if old_image is not None and old_image != new_image:
+        _remove_quietly(client, old_image)
+    try:
+        client.images.prune(
+            filters={
+                "dangling": True,
+                "label": f"{LABEL_STAGE}=deps",
+                "label!": f"{LABEL_DEPS_KEY}={deps_key}",
+            }
+        )
+    except docker.errors.APIError:
+        pass  # another prune or build is running: what is left goes next time
+    if old_base is not None:
+        _remove_quietly(client, old_base)
 
 
 def _remove_quietly(client: docker.DockerClient, image_id: str) -> None:
