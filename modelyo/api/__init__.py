@@ -1,0 +1,1 @@
+"""Wire protocols: paths and pydantic models shared by each service and its clients."""
