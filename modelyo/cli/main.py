@@ -28,10 +28,14 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command group lives in its own module; they are attached here, in one place.
+    from modelyo.cli.attest import attest
+    from modelyo.cli.dev import dev
     from modelyo.cli.image import image
     from modelyo.cli.measure import measure
     from modelyo.cli.quote import quote
 
+    cli.add_command(attest)
+    cli.add_command(dev)
     cli.add_command(quote)
     cli.add_command(image)
     cli.add_command(measure)

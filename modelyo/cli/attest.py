@@ -1,0 +1,121 @@
+"""`modelyo attest`: verify the CA (and later the TDX VM) and take ownership of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from modelyo import dev
+from modelyo.attest import CaOnboarding, attest_ca, expected_ca_policy
+from modelyo.attestation.verify import TrustRoot
+from modelyo.cli.render import SIMULATED_BANNER, print_json
+from modelyo.errors import ConfigError
+from modelyo.workspace import Workspace, resolve_endpoint
+
+
+@click.command()
+@click.option("--ca", "ca_url", help="CA URL (default: flags, env, ./modelyo.toml, dev stack).")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Policy file with the expected measurements ([ca] section).",
+)
+@click.option("--mrenclave", multiple=True, help="Expected CA MRENCLAVE (hex); repeatable.")
+@click.option("--mrsigner", multiple=True, help="Expected CA MRSIGNER (hex); repeatable.")
+@click.option(
+    "--simulation",
+    is_flag=True,
+    help="Trust the SIMULATED platform's root (development only: proves no hardware isolation).",
+)
+@click.option(
+    "--sim-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The simulated platform's state directory (default: the dev stack's).",
+)
+@click.option("--at", type=int, help="Verify at this Unix time (default: now).")
+@click.option(
+    "-C",
+    "--directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    help="Where the certificate files go (default: here).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def attest(
+    ca_url: str | None,
+    policy_file: Path | None,
+    mrenclave: tuple[str, ...],
+    mrsigner: tuple[str, ...],
+    simulation: bool,
+    sim_dir: Path | None,
+    at: int | None,
+    directory: Path,
+    as_json: bool,
+) -> None:
+    """Attest the Modelyo CA and take ownership; store ca.pem, ca_client.pem, ca_client.key."""
+    workspace = Workspace(directory.resolve())
+    stack = dev.read_stack()
+    endpoint = resolve_endpoint("ca", ca_url, workspace, dev_stack=dev.running_endpoints())
+    if endpoint is None:
+        raise ConfigError(
+            "no CA endpoint: pass --ca URL, set MODELYO_CA_URL, write ca_url in ./modelyo.toml, "
+            "or start the local stack with `modelyo dev up`"
+        )
+    config = workspace.config()
+    from_stack = endpoint.source.startswith("the local stack")
+    # Trusting the simulation root is always the user's explicit choice: the flag, a config
+    # that recorded it, or starting the simulated stack with `modelyo dev up`.
+    simulated = simulation or config.simulation or from_stack
+    trust = TrustRoot.intel()
+    if simulated:
+        chosen = sim_dir or (Path(config.sim_dir) if config.sim_dir else None)
+        if chosen is None and stack is not None:
+            chosen = Path(stack.sim_dir)
+        if chosen is None and os.environ.get("MODELYO_SIM_DIR"):
+            chosen = Path(os.environ["MODELYO_SIM_DIR"])
+        sim_dir = chosen
+        trust = TrustRoot.simulation(sim_dir)
+    policy_path = policy_file or (Path(config.policy) if config.policy else None)
+    policy, expected_from = expected_ca_policy(
+        policy_file=policy_path, mrenclave=mrenclave, mrsigner=mrsigner, simulation=simulated
+    )
+    result = attest_ca(
+        workspace,
+        endpoint,
+        trust=trust,
+        policy=policy,
+        expected_from=expected_from,
+        sim_dir=sim_dir,
+        now=at,
+    )
+    console = Console()
+    if as_json:
+        print_json(console, {"ca": result.to_dict()})
+    else:
+        render_onboarding(console, result)
+
+
+def render_onboarding(console: Console, result: CaOnboarding) -> None:
+    """The readable summary of step 1."""
+    verdict = result.verdict
+    if verdict.simulated:
+        console.print(f"[bold yellow]{SIMULATED_BANNER}[/]")
+    console.print(f"[bold green]CA attested[/] {result.url}  [dim]({result.url_source})[/]")
+    console.print(
+        f"  TCB status: {verdict.status}; advisories: {', '.join(verdict.advisories) or 'none'}"
+    )
+    for name in ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn"):
+        console.print(f"  {name}: {verdict.measurements.get(name)}", soft_wrap=True)
+    console.print(f"  expected measurements from: {result.expected_from}", highlight=False)
+    console.print(f"  CA root fingerprint (SHA-256): {result.root_fingerprint}", soft_wrap=True)
+    if result.ownership == "claimed":
+        console.print("[bold green]Ownership claimed[/]: this directory holds the owner's keys")
+    else:
+        console.print("[green]Already the owner[/]: nothing changed")
+    console.print(f"  client certificate fingerprint: {result.client_fingerprint}", soft_wrap=True)
+    if result.files:
+        console.print(f"  wrote {', '.join(result.files)} (the key with mode 0600)")

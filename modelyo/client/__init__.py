@@ -1,0 +1,1 @@
+"""Clients of the Modelyo services (the CA, and later the TDX agent)."""
