@@ -141,7 +141,7 @@ def up(directory: Path | None = None, *, ca_port: int | None = None) -> StackInf
     policy_file = root / "vm-policy.json"
     atomic_write_text(policy_file, _dev_vm_policy().model_dump_json(indent=2))
 
-    port = _free_port(ca_port or DEFAULT_CA_PORT)
+    port = _free_port(DEFAULT_CA_PORT if ca_port is None else ca_port)
     url = f"https://127.0.0.1:{port}"
     log = root / "logs" / "ca.log"
     command = [
