@@ -158,6 +158,7 @@ class CaClient:
         client_key: Path | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        self._presents_cert = client_cert is not None
         self._client = httpx.Client(
             base_url=self.url,
             verify=pinned_context(root_pem, client_cert=client_cert, client_key=client_key),
@@ -182,7 +183,8 @@ class CaClient:
                 headers={"content-type": "application/json"} if body else None,
             )
         except httpx.HTTPError as exc:
-            raise ModelyoError(describe_tls_error(exc, self.url)) from None
+            message = describe_tls_error(exc, self.url, presented_client_cert=self._presents_cert)
+            raise ModelyoError(message) from None
         return _parse(model, response, self.url)
 
     def claim_ownership(self, key: ec.EllipticCurvePrivateKey, name: str) -> api.OwnershipGrant:

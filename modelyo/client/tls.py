@@ -62,9 +62,14 @@ def peer_certificate(response: httpx.Response) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def describe_tls_error(exc: Exception, url: str) -> str:
+def describe_tls_error(exc: Exception, url: str, *, presented_client_cert: bool = False) -> str:
     """Plain words for a failed connection, with what to try."""
     text = str(exc)
+    # In TLS 1.3 the server checks our certificate after the client considers the handshake
+    # done, so a rejection arrives as an alert on the first read, often seen as a disconnect.
+    rejected = presented_client_cert and (
+        "disconnected" in text or "ALERT" in text.upper() or "EOF" in text
+    )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return (
             f"{url} presented a certificate that does not chain to the pinned root (ca.pem): "
@@ -73,7 +78,7 @@ def describe_tls_error(exc: Exception, url: str) -> str:
         )
     if "TLSV13_ALERT_CERTIFICATE_REQUIRED" in text or "certificate required" in text:
         return f"{url} requires a client certificate; run `modelyo attest` first"
-    if "ALERT_UNKNOWN_CA" in text or "unknown ca" in text.lower() or "BAD_CERTIFICATE" in text:
+    if rejected or "ALERT_UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
         return (
             f"{url} rejected our client certificate: it was not issued by this CA; run the "
             "command in the directory holding this CA's ca_client.pem/ca_client.key"
