@@ -1,4 +1,5 @@
-"""Fixtures shared by the test suite: the Docker engine for tests marked `docker`."""
+"""Fixtures shared by the test suite: the Docker engine, and a local stack on the simulated
+platform (`modelyo dev up` in a temporary directory)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator
 import docker
 import pytest
 import requests
+
+from modelyo import dev
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,16 @@ def docker_client() -> Iterator[docker.DockerClient]:
         pytest.skip(reason)
     yield client
     client.close()
+
+
+@pytest.fixture
+def stack(tmp_path, monkeypatch):
+    """A fresh local stack (its own CA and simulated platform), found by endpoint discovery."""
+    directory = tmp_path / "dev"
+    monkeypatch.setenv("MODELYO_DEV_DIR", str(directory))
+    for var in ("MODELYO_CA_URL", "MODELYO_TDX_URL", "MODELYO_SIM_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    info = dev.up(directory, ca_port=0)
+    yield info
+    dev.down(directory)

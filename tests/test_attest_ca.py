@@ -30,19 +30,6 @@ from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Endpoint, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def stack(tmp_path, monkeypatch):
-    """A fresh local stack (its own CA and simulated platform) found by discovery."""
-    directory = tmp_path / "dev"
-    monkeypatch.setenv("MODELYO_DEV_DIR", str(directory))
-    for var in ("MODELYO_CA_URL", "MODELYO_TDX_URL", "MODELYO_SIM_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    info = dev.up(directory, ca_port=0)
-    yield info
-    dev.down(directory)
-
-
 def _sim_trust(info) -> TrustRoot:
     return TrustRoot.simulation(Path(info.sim_dir))
 

@@ -25,7 +25,8 @@ from modelyo.client.tls import (
     peer_certificate,
     pinned_context,
 )
-from modelyo.errors import AttestationError, ModelyoError
+from modelyo.errors import AttestationError, ConfigError, ModelyoError
+from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Workspace
 
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 M = TypeVar("M", bound=BaseModel)
@@ -163,6 +164,24 @@ class CaClient:
             base_url=self.url,
             verify=pinned_context(root_pem, client_cert=client_cert, client_key=client_key),
             timeout=TIMEOUT,
+        )
+
+    @classmethod
+    def for_owner(cls, workspace: Workspace) -> CaClient:
+        """The owner's client, from the files `modelyo attest` stored in `workspace`."""
+        if not workspace.ca_owner:
+            raise ConfigError(
+                f"{workspace.root} holds no CA onboarding ({CA_CERT}, {CA_CLIENT_CERT}, "
+                f"{CA_CLIENT_KEY}); run `modelyo attest` here first"
+            )
+        url = workspace.config().ca_url
+        if not url:
+            raise ConfigError(f"no ca_url in {workspace.config_path}; run `modelyo attest` again")
+        return cls(
+            url,
+            workspace.path(CA_CERT).read_bytes(),
+            client_cert=workspace.path(CA_CLIENT_CERT),
+            client_key=workspace.path(CA_CLIENT_KEY),
         )
 
     def __enter__(self) -> CaClient:

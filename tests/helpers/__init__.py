@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (processes to start, clients to build)."""

@@ -1,0 +1,45 @@
+"""The owner's commands after onboarding: `modelyo ca vms|policy|rotate` and `modelyo audit`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modelyo.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def onboarded(stack, tmp_path, monkeypatch):
+    home = tmp_path / "project"
+    home.mkdir()
+    monkeypatch.chdir(home)
+    assert main(["attest"]) == 0
+    return home
+
+
+def test_owner_commands(onboarded, capsys):
+    capsys.readouterr()
+    assert main(["ca", "vms"]) == 0
+    assert "no VM has registered yet" in capsys.readouterr().out
+
+    assert main(["ca", "policy"]) == 0
+    policy = json.loads(capsys.readouterr().out)
+    assert policy["root"] == "simulation"
+    assert policy["vms"][0]["key_ids"] == ["*"]
+
+    policy["vms"][0]["key_ids"] = ["project-x"]
+    (onboarded / "p.json").write_text(json.dumps(policy))
+    assert main(["ca", "policy", "--set", "p.json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vms"][0]["key_ids"] == ["project-x"]
+
+    assert main(["ca", "rotate"]) == 0
+    assert "new key version: 2" in capsys.readouterr().out
+
+
+def test_owner_commands_need_an_onboarded_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["ca", "vms"]) == 1
+    assert "run `modelyo attest` here first" in capsys.readouterr().err
