@@ -46,3 +46,38 @@ class ConfigError(ModelyoError, ValueError):
 
 class EngineError(ModelyoError):
     """The Docker engine is unreachable, or an image could not be built or loaded."""
+
+
+class EncryptionError(ModelyoError):
+    """Encrypting or decrypting a file, stream or tree failed (see the message for the file).
+
+    `path` names the file concerned when there is one (None for byte strings and streams).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class KeyUnavailableError(EncryptionError):
+    """The key source has no key for the key id (or key version) a file needs."""
+
+
+class TamperError(EncryptionError):
+    """Encrypted data failed authentication: it was altered, truncated, reordered or mixed.
+
+    None of the plaintext of the file concerned is kept when this is raised for a file.
+    """
+
+
+class WrongKeyError(TamperError):
+    """The key does not match the file's key commitment (wrong key, or an edited header).
+
+    Raised from the header alone, before any segment is decrypted.
+    """
+
+
+class StateError(ModelyoError):
+    """A service's persistent state cannot be used as it is: sealed by another build or
+    platform, tampered with, locked by another process, or unreadable. It is never overwritten.
+    """
