@@ -43,3 +43,20 @@ def test_owner_commands_need_an_onboarded_directory(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert main(["ca", "vms"]) == 1
     assert "run `modelyo attest` here first" in capsys.readouterr().err
+
+
+def test_audit_log_fetched_from_the_ca_verifies_and_an_edit_is_detected(onboarded, capsys):
+    assert main(["ca", "rotate"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "verify", "--save", "audit.json"]) == 0
+    out = capsys.readouterr().out
+    assert "audit log verifies" in out
+    log = json.loads((onboarded / "audit.json").read_text())
+    events = [e["event"] for e in log["entries"]]
+    assert "ownership" in events and "key-rotated" in events
+
+    log["entries"][0]["details"]["edited"] = True
+    (onboarded / "edited.json").write_text(json.dumps(log))
+    assert main(["audit", "verify", "edited.json"]) == 3
+    captured = capsys.readouterr()
+    assert "seq 0" in captured.out + captured.err

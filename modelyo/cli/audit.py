@@ -11,7 +11,10 @@ from rich.console import Console
 from modelyo import pki
 from modelyo.api.ca import AuditLog
 from modelyo.audit import audit_problems
+from modelyo.client.ca import CaClient
 from modelyo.errors import AttestationError, ModelyoError
+from modelyo.files import atomic_write_text
+from modelyo.workspace import Workspace
 
 DEFAULT_CA = Path("ca.pem")
 
@@ -37,21 +40,35 @@ def audit() -> None:
 
 
 @audit.command()
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--save",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="When fetching from the CA, also keep the log in this file.",
+)
 @click.option(
     "--ca",
     "ca_path",
     type=click.Path(path_type=Path, dir_okay=False),
     help="The pinned CA root certificate (default: ./ca.pem when present).",
 )
-def verify(file: Path, ca_path: Path | None) -> None:
+def verify(file: Path | None, save: Path | None, ca_path: Path | None) -> None:
     """Verify FILE, an audit log (JSON, as GET /v1/audit returns it).
+
+    Without FILE, fetch the log from the CA as its owner (run where `modelyo attest` stored
+    its files) and verify that.
 
     Every entry's hash, its link to the previous entry and its signature by the CA root are
     checked. Against the pinned ca.pem the log proves it came from your CA; without it, only
     that it is internally consistent.
     """
-    log = _load_log(file)
+    if file is None:
+        with CaClient.for_owner(Workspace.here()) as client:
+            log = client.audit()
+        if save is not None:
+            atomic_write_text(save, log.model_dump_json(indent=2))
+    else:
+        log = _load_log(file)
     console = Console(stderr=False)
     embedded = pki.load_cert(log.ca_certificate)
     pinned_path = ca_path or (DEFAULT_CA if DEFAULT_CA.is_file() else None)
