@@ -634,5 +634,5 @@ def already_owned_message(owner: OwnerRecord) -> str:
     return (
         f"this CA is already owned (since {_utc(owner.claimed_at)}); ownership is granted "
         "once. Use the owner's ca_client.pem and ca_client.key, or start a new CA with a new "
-        "--state-dir"
+        "--state-dir."
     )

@@ -157,8 +157,8 @@ def attest_ca(
         raise ca_client.AlreadyOwnedError(
             exc.status,
             exc.code,
-            f"the CA at {url} is already owned by another party ({exc}); nothing was changed "
-            "here. Ask its owner for access, or attest a CA you deployed yourself",
+            f"the CA at {url} belongs to another party: {exc} Nothing was changed in "
+            f"{workspace.root}.",
         ) from None
     cert = pki.load_cert(grant.client_certificate)
     pki.verify_chain(cert, [], attested.root, role=pki.Role.OWNER)

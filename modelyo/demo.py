@@ -1,138 +1,162 @@
 """`make demo`: the main job end to end on the embedded simulated platform.
 
-Each step prints what it does and what it found. It grows with the product: today it shows the
-attestation core (measurements, RA-TLS, verification and its refusals, real Intel quotes) and
-the job base image.
+Each step prints what it does, then runs the real command or API a user would, in a temporary
+directory, against a local stack started for the demo. It grows with the product.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.rule import Rule
 
-from modelyo.attestation import binding, ratls
+from modelyo import dev
+from modelyo.attestation import binding
 from modelyo.attestation.collateral import Collateral
 from modelyo.attestation.policy import SgxPolicy
-from modelyo.attestation.quote import parse_quote
 from modelyo.attestation.verify import TrustRoot, verify_quote
-from modelyo.cli.render import render_verdict
+from modelyo.cli.main import main as modelyo
+from modelyo.client import ca as ca_client
+from modelyo.errors import AttestationError
 from modelyo.measure import measure
-from modelyo.tee.sim import SimulatedPlatform
+from modelyo.workspace import Workspace
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dcap"
 
 
-def _step(console: Console, title: str) -> None:
-    console.print(Rule(f"[bold]{title}"))
+class Demo:
+    """Runs numbered steps and remembers whether each gave the expected result."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.number = 0
+        self.ok = True
+
+    def step(self, title: str) -> None:
+        self.number += 1
+        self.console.print(Rule(f"[bold]{self.number}. {title}"))
+
+    def command(self, *args: str, expect: int = 0) -> None:
+        """Run `modelyo ARGS` as a user would, showing the command line."""
+        self.console.print(f"[bold cyan]$ modelyo {' '.join(args)}[/]", highlight=False)
+        code = modelyo(list(args))
+        if code != expect:
+            self.console.print(f"[red]exit code {code}, expected {expect}[/]")
+            self.ok = False
+
+    def expect(self, what: str, passed: bool, detail: str = "") -> None:
+        mark = "[green]as expected[/]" if passed else "[red]UNEXPECTED[/]"
+        self.console.print(f"{mark} {what}" + (f": {escape(detail)}" if detail else ""))
+        self.ok &= passed
 
 
-def run(console: Console, state_dir: Path) -> bool:
-    """Run every step; return True when each one gave the expected result."""
-    ok = True
-    _step(console, "1. Measure the CA's code (what a policy pins)")
-    ca = measure("ca")
-    console.print(f"MRENCLAVE {ca.hex}  ({ca.file_count} files)", soft_wrap=True)
+def _refused(check: Callable[[], object]) -> tuple[bool, str]:
+    try:
+        check()
+    except AttestationError as exc:
+        return True, str(exc)
+    return False, "accepted"
 
-    _step(console, "2. A SIMULATED SGX platform, created on first use")
-    platform = SimulatedPlatform(state_dir)
-    enclave = platform.sgx_enclave(mr_enclave=ca.value, mr_signer=bytes(32))
-    console.print(f"platform state: {platform.state_dir}")
-    console.print(f"quote provider: {enclave.name}")
 
-    _step(console, "3. An RA-TLS certificate: a fresh TLS key bound into a quote")
-    key = ratls.new_tls_key()
-    cert = ratls.create_certificate(enclave, key, common_name="Modelyo CA (demo)")
-    quote = parse_quote(ratls.quote_from_certificate(cert) or b"")
-    spki = binding.spki_der(key.public_key())
-    console.print(f"quote: SGX v{quote.version}, {len(quote.raw)} bytes")
-    console.print(
-        f"REPORTDATA = SHA-512('modelyo-ratls-v1:' || SPKI) = {quote.report_data.hex()[:32]}…"
-    )
-    console.print(f"binds the certificate's key: {binding.matches(quote.report_data, spki)}")
+def run(demo: Demo, tmp: Path) -> None:
+    """Every step, in order."""
+    os.environ["MODELYO_DEV_DIR"] = str(tmp / "dev")
+    os.environ.pop("MODELYO_CA_URL", None)
+    project = tmp / "project"
+    project.mkdir()
+    os.chdir(project)
 
-    _step(console, "4. Verify it under the simulation root, pinning the measured MRENCLAVE")
-    sim_root = TrustRoot("simulation", platform.root_certificate_der(), simulated=True)
-    collateral = platform.collateral("sgx")
-    policy = SgxPolicy(allowed_mrenclave=[ca.hex])
-    verdict = ratls.verify_certificate(
-        cert, collateral, root=sim_root, policy=policy, policy_name="ca"
-    )
-    render_verdict(console, verdict)
-    ok &= verdict.accepted
+    demo.step("What the CA must be: measure its code (the value a policy pins)")
+    demo.command("measure", "ca")
 
-    _step(console, "5. The refusals a user relies on")
-    refusals = {
-        "under the Intel root": ratls.verify_certificate(
-            cert, collateral, root=TrustRoot.intel(), policy=policy, policy_name="ca"
-        ),
-        "one flipped bit in MRENCLAVE": verify_quote(
-            _flip(quote.raw, 112), collateral, root=sim_root, policy=policy, policy_name="ca"
-        ),
-        "a fresh challenge answered for another nonce": verify_quote(
-            enclave.get_quote(binding.report_data(spki, binding.new_nonce())),
-            collateral,
-            root=sim_root,
-            policy=policy,
-            policy_name="ca",
-            expected_report_data=binding.report_data(spki, binding.new_nonce()),
-        ),
-        "another CA build": verify_quote(
-            quote.raw,
-            collateral,
-            root=sim_root,
-            policy=SgxPolicy(allowed_mrenclave=["00" * 32]),
-            policy_name="ca",
-        ),
-    }
-    for what, refused in refusals.items():
-        mark = "[green]refused[/]" if not refused.accepted else "[red]ACCEPTED (wrong!)[/]"
-        detail = refused.failures[0].detail if refused.failures else ""
-        console.print(f"{mark} {what}: {escape(detail)}")
-        ok &= not refused.accepted
+    demo.step("Start the local stack: the CA on the SIMULATED platform")
+    demo.command("dev", "up", "--ca-port", "0")
+    stack = dev.read_stack()
+    assert stack is not None and stack.ca is not None
 
-    _step(console, "6. Real Intel quotes (../shared/vectors/dcap) through the same verifier")
+    demo.step("Step 1 of attestation: verify the CA's quote, take ownership, store the files")
+    demo.command("attest")
+    files = sorted(p.name for p in project.iterdir())
+    key_mode = oct((project / "ca_client.key").stat().st_mode & 0o777)
+    demo.console.print(f"files here: {', '.join(files)}; ca_client.key mode {key_mode}")
+    demo.expect("the key is private", key_mode == "0o600")
+
+    demo.step("Running it again as the owner changes nothing")
+    demo.command("attest")
+
+    demo.step("Someone else tries to take the CA: refused, and nothing is written for them")
+    intruder = tmp / "intruder"
+    intruder.mkdir()
+    demo.command("attest", "-C", str(intruder), expect=1)
+    demo.expect("the intruder's directory stays empty", not any(intruder.iterdir()))
+
+    demo.step("What a machine in the middle could try: each is refused")
+    trust = TrustRoot.simulation(Path(stack.sim_dir))
+    policy = SgxPolicy(allowed_mrenclave=[measure("ca").hex])
+    nonce = binding.new_nonce()
+    body, presented = ca_client.fetch_attestation(stack.ca.url, nonce)
+
+    def check(body=body, nonce=nonce, policy=policy, trust=trust):  # type: ignore[no-untyped-def]
+        return ca_client.check_attestation(
+            stack.ca.url, body, presented, nonce, trust=trust, policy=policy
+        )
+
+    quote = bytearray(base64.b64decode(body.quote))
+    quote[50] ^= 1  # CPUSVN: covered by the signature, pinned by nothing else
+    tampered = body.model_copy(update={"quote": base64.b64encode(bytes(quote)).decode()})
+    for what, attempt in {
+        "a quote with one flipped bit": lambda: check(body=tampered),
+        "an attestation answering another nonce": lambda: check(nonce=binding.new_nonce()),
+        "a CA of another build": lambda: check(policy=SgxPolicy(allowed_mrenclave=["00" * 32])),
+        "the simulated CA judged under Intel's root": lambda: check(trust=TrustRoot.intel()),
+    }.items():
+        refused, reason = _refused(attempt)
+        demo.expect(f"refused {what}", refused, reason)
+
+    demo.step("The owner at work: VMs, a key, a rotation, the signed audit log")
+    demo.command("ca", "vms")
+    with ca_client.CaClient.for_owner(Workspace(project)) as client:
+        released = client.release_key("default")
+    demo.console.print(f"released key 'default' version {released.version} (32 bytes, not shown)")
+    demo.command("ca", "rotate")
+    demo.command("audit", "verify")
+
+    demo.step("Real Intel quotes (../shared/vectors/dcap) through the same verifier")
     if VECTORS.is_dir():
         raw = (VECTORS / "tdx_quote").read_bytes()
         real = Collateral.from_file(VECTORS / "tdx_quote_collateral.json")
         at_issue = verify_quote(raw, real, root=TrustRoot.intel(), now=1750331763)
         today = verify_quote(raw, real, root=TrustRoot.intel())
-        console.print(
-            f"TDX quote at its collateral's time: accepted={at_issue.accepted}, "
-            f"status {at_issue.status}"
-        )
-        console.print(f"TDX quote today: accepted={today.accepted}: {escape(today.reason())}")
-        ok &= at_issue.accepted and not today.accepted
+        demo.expect(f"accepted at its collateral's time ({at_issue.status})", at_issue.accepted)
+        demo.expect("refused today", not today.accepted, today.reason())
     else:
-        console.print(f"(skipped: {VECTORS} not found)")
+        demo.console.print(f"(skipped: {VECTORS} not found)")
 
-    _step(console, "7. The job base image (built from Debian packages, no registry)")
-    ok &= _show_base_image(console)
-    return ok
+    demo.step("The job base image (built from Debian packages, no registry)")
+    _show_base_image(demo)
 
-
-def _flip(raw: bytes, offset: int) -> bytes:
-    data = bytearray(raw)
-    data[offset] ^= 0x01
-    return bytes(data)
+    demo.step("Stop the local stack (its state is kept)")
+    demo.command("dev", "down")
 
 
-def _show_base_image(console: Console) -> bool:
+def _show_base_image(demo: Demo) -> None:
     try:
         import docker
         from docker.errors import DockerException, ImageNotFound
 
         from modelyo.images.base import DEFAULT_TAG
     except ImportError:
-        console.print("(skipped: the docker SDK is not installed)")
-        return True
+        demo.console.print("(skipped: the docker SDK is not installed)")
+        return
     try:
         client = docker.from_env()
-        client.images.get(DEFAULT_TAG)
         out = client.containers.run(
             DEFAULT_TAG,
             [
@@ -146,27 +170,32 @@ def _show_base_image(console: Console) -> bool:
             remove=True,
         )
     except ImageNotFound:
-        console.print(f"[red]{DEFAULT_TAG} is missing: run `modelyo image build-base`[/]")
-        return False
+        demo.expect(f"{DEFAULT_TAG} exists", False, "run `modelyo image build-base`")
+        return
     except DockerException as exc:
-        console.print(f"[red]Docker engine not reachable: {exc}[/]")
-        return False
+        demo.expect("the Docker engine answers", False, str(exc))
+        return
     python, pandas, pyarrow, version = out.decode().split()
-    console.print(
+    demo.console.print(
         f"{DEFAULT_TAG}: Python {python}, pandas {pandas}, pyarrow {pyarrow}, "
         f"modelyo {version}, run with no network"
     )
-    return True
 
 
 def main() -> int:
     console = Console()
     console.print("[bold yellow]Modelyo demo on the SIMULATED platform (no SGX/TDX here)[/]")
+    demo = Demo(console)
+    cwd = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="modelyo-demo-") as tmp:
-        ok = run(console, Path(tmp) / "sim")
+        try:
+            run(demo, Path(tmp))
+        finally:
+            dev.down()
+            os.chdir(cwd)
     console.print(Rule())
-    console.print("[bold green]demo complete[/]" if ok else "[bold red]demo FAILED[/]")
-    return 0 if ok else 1
+    console.print("[bold green]demo complete[/]" if demo.ok else "[bold red]demo FAILED[/]")
+    return 0 if demo.ok else 1
 
 
 if __name__ == "__main__":
