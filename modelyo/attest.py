@@ -24,6 +24,7 @@ from modelyo import pki
 from modelyo.attestation.policy import SgxPolicy, load_policy, parse_policy
 from modelyo.attestation.verify import TrustRoot, Verdict
 from modelyo.client import ca as ca_client
+from modelyo.client.http import AlreadyOwnedError
 from modelyo.errors import ConfigError
 from modelyo.measure import measure
 from modelyo.workspace import (
@@ -152,9 +153,9 @@ def attest_ca(
     try:
         with ca_client.CaClient(url, root_pem) as client:
             grant = client.claim_ownership(key, f"modelyo owner {_login()}")
-    except ca_client.AlreadyOwnedError as exc:
+    except AlreadyOwnedError as exc:
         pending.unlink(missing_ok=True)
-        raise ca_client.AlreadyOwnedError(
+        raise AlreadyOwnedError(
             exc.status,
             exc.code,
             f"the CA at {url} belongs to another party: {exc} Nothing was changed in "

@@ -23,6 +23,7 @@ from modelyo.attestation.policy import SgxPolicy
 from modelyo.attestation.verify import TrustRoot
 from modelyo.cli.main import EXIT_REFUSED, main
 from modelyo.client import ca as ca_client
+from modelyo.client.http import AlreadyOwnedError, ServiceError
 from modelyo.errors import AttestationError, ModelyoError
 from modelyo.measure import measure
 from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Endpoint, Workspace
@@ -118,7 +119,7 @@ def test_fifty_concurrent_claims_give_one_owner(stack, tmp_path):
         barrier.wait()
         try:
             return _onboard(stack, workspace).ownership
-        except ca_client.AlreadyOwnedError as exc:
+        except AlreadyOwnedError as exc:
             assert "already owned" in str(exc)
             return "refused"
 
@@ -217,7 +218,7 @@ def test_owner_calls_need_the_owner_certificate(stack, tmp_path):
     _onboard(stack, workspace)
     root_pem = workspace.path(CA_CERT).read_bytes()
     with ca_client.CaClient(stack.ca.url, root_pem) as anonymous:
-        with pytest.raises(ca_client.ServiceError) as info:
+        with pytest.raises(ServiceError) as info:
             anonymous.list_vms()
     assert info.value.status == 401
 
@@ -293,7 +294,7 @@ def test_vm_registration_and_roles(stack, tmp_path):
     with ca_client.CaClient(
         stack.ca.url, root_pem, client_cert=vm_dir / "vm.pem", client_key=vm_dir / "vm.key"
     ) as vm:
-        with pytest.raises(ca_client.ServiceError) as info:
+        with pytest.raises(ServiceError) as info:
             vm.list_vms()
         assert info.value.status == 403
         released = vm.release_key("default")

@@ -6,12 +6,11 @@ import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from modelyo import pki
 from modelyo.api import ca as api
@@ -19,6 +18,11 @@ from modelyo.attestation import binding, ratls
 from modelyo.attestation.collateral import Collateral
 from modelyo.attestation.policy import SgxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.client.http import (
+    TIMEOUT,
+    M,
+    parse_response,
+)
 from modelyo.client.tls import (
     describe_tls_error,
     first_contact_context,
@@ -27,42 +31,6 @@ from modelyo.client.tls import (
 )
 from modelyo.errors import AttestationError, ConfigError, ModelyoError
 from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Workspace
-
-TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-M = TypeVar("M", bound=BaseModel)
-
-
-class ServiceError(ModelyoError):
-    """A Modelyo service answered with an error: `status`, `code` and its explanation."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-
-
-class AlreadyOwnedError(ServiceError):
-    """The service already has an owner (HTTP 409)."""
-
-
-def _raise_for_error(response: httpx.Response, url: str) -> None:
-    if response.is_success:
-        return
-    try:
-        body = api.ErrorBody.model_validate_json(response.content)
-        code, detail = body.error, body.detail
-    except ValidationError:
-        code, detail = "http", f"{url} answered HTTP {response.status_code}: {response.text[:200]}"
-    cls = AlreadyOwnedError if response.status_code == 409 else ServiceError
-    raise cls(response.status_code, code, detail)
-
-
-def _parse(model: type[M], response: httpx.Response, url: str) -> M:
-    _raise_for_error(response, url)
-    try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
-        raise ModelyoError(f"{url} sent a malformed {model.__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +52,7 @@ def fetch_attestation(url: str, nonce: bytes) -> tuple[api.AttestationResponse, 
             presented = peer_certificate(response)
     except httpx.HTTPError as exc:
         raise ModelyoError(describe_tls_error(exc, url)) from None
-    return _parse(api.AttestationResponse, response, url), presented
+    return parse_response(api.AttestationResponse, response, url), presented
 
 
 def check_attestation(
@@ -204,7 +172,7 @@ class CaClient:
         except httpx.HTTPError as exc:
             message = describe_tls_error(exc, self.url, presented_client_cert=self._presents_cert)
             raise ModelyoError(message) from None
-        return _parse(model, response, self.url)
+        return parse_response(model, response, self.url)
 
     def claim_ownership(self, key: ec.EllipticCurvePrivateKey, name: str) -> api.OwnershipGrant:
         """Ask to become the owner; raises `AlreadyOwnedError` when someone else is."""

@@ -1,0 +1,314 @@
+"""The tool's client for the TDX agent (see modelyo/api/agent.py for the API).
+
+Every connection is TLS 1.3 pinned to the CA root, and the server must present exactly the
+certificate the CA issued to this VM (`tdx_ca.pem`): a certificate the CA issued to another VM
+is refused, though it chains to the same root.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
+
+from modelyo import pki
+from modelyo.api import agent as api
+from modelyo.attestation import binding, ratls
+from modelyo.attestation.collateral import Collateral
+from modelyo.attestation.policy import TdxPolicy
+from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.client.http import TIMEOUT, parse_response, raise_for_error
+from modelyo.client.tls import (
+    describe_tls_error,
+    first_contact_context,
+    peer_certificate,
+    pinned_context,
+)
+from modelyo.errors import AttestationError, ConfigError, ModelyoError
+from modelyo.workspace import (
+    CA_CERT,
+    TDX_CERT,
+    TDX_CLIENT_CERT,
+    TDX_CLIENT_KEY,
+    Workspace,
+)
+
+M = TypeVar("M", bound=BaseModel)
+# Uploads go in chunks this size: large enough for throughput, small enough for steady memory.
+UPLOAD_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AttestedAgent:
+    """What the TDX VM proved in step 2 of attestation."""
+
+    url: str
+    verdict: Verdict
+    server_certificate: x509.Certificate
+    vm_id: str
+    gpus: api.GpuReport
+    simulated: bool
+
+
+def fetch_attestation(url: str, nonce: bytes) -> tuple[api.AgentAttestation, x509.Certificate]:
+    """Ask the agent for a quote answering `nonce`; return it with the certificate TLS showed."""
+    try:
+        with httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client:
+            response = client.get(url + api.ATTESTATION, params={"nonce": nonce.hex()})
+            presented = peer_certificate(response)
+    except httpx.HTTPError as exc:
+        raise ModelyoError(describe_tls_error(exc, url)) from None
+    return parse_response(api.AgentAttestation, response, url), presented
+
+
+def check_attestation(
+    url: str,
+    body: api.AgentAttestation,
+    presented: x509.Certificate,
+    nonce: bytes,
+    *,
+    ca_root: x509.Certificate,
+    vm_certificate: x509.Certificate,
+    trust: TrustRoot,
+    policy: TdxPolicy,
+    now: int | None = None,
+) -> AttestedAgent:
+    """Decide whether the agent at `url` is the attested TDX VM the CA certified.
+
+    The certificate TLS presented must be the one the CA issued to this VM (`vm_certificate`,
+    from the CA), chain to the CA root we pinned in step 1, and the fresh quote must verify
+    and bind that certificate's key and our nonce. Raises `AttestationError`.
+    """
+    if presented != vm_certificate:
+        raise AttestationError(
+            f"{url} presented a certificate other than the one the CA issued to VM "
+            f"{body.vm_id} (a machine in the middle, or another VM)"
+        )
+    try:
+        pki.verify_chain(presented, [], ca_root, role=pki.Role.VM_SERVER)
+    except pki.CertificateError as exc:
+        raise AttestationError(f"{url}: {exc}") from None
+    try:
+        quote = base64.b64decode(body.quote, validate=True)
+    except ValueError:
+        raise AttestationError(f"{url} sent a quote that is not base64") from None
+    verdict = ratls.verify_challenge(
+        quote,
+        nonce,
+        presented,
+        Collateral.from_json(body.collateral),
+        root=trust,
+        policy=policy,
+        policy_name="tdx",
+        now=now,
+    )
+    if body.simulated and not trust.simulated:
+        verdict.add("platform", False, "the agent runs on the SIMULATED platform")
+    verdict.raise_for_refusal("TDX VM attestation")
+    return AttestedAgent(url, verdict, presented, body.vm_id, body.gpus, verdict.simulated)
+
+
+class AgentClient:
+    """Calls to an attested agent, pinned to its CA-issued certificate, with our client cert."""
+
+    def __init__(
+        self,
+        url: str,
+        ca_root_pem: str | bytes,
+        server_certificate: x509.Certificate,
+        *,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        timeout: httpx.Timeout = TIMEOUT,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._server = server_certificate
+        self._presents_cert = client_cert is not None
+        self._client = httpx.Client(
+            base_url=self.url,
+            verify=pinned_context(ca_root_pem, client_cert=client_cert, client_key=client_key),
+            timeout=timeout,
+        )
+
+    @classmethod
+    def for_owner(cls, workspace: Workspace, *, timeout: httpx.Timeout = TIMEOUT) -> AgentClient:
+        """The owner's client, from the files `modelyo attest` stored in `workspace`."""
+        needed = (CA_CERT, TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY)
+        if not workspace.has(*needed):
+            raise ConfigError(
+                f"{workspace.root} holds no TDX VM onboarding ({', '.join(needed)}); run "
+                "`modelyo attest` here first"
+            )
+        url = workspace.config().tdx_url
+        if not url:
+            raise ConfigError(f"no tdx_url in {workspace.config_path}; run `modelyo attest`")
+        return cls(
+            url,
+            workspace.path(CA_CERT).read_bytes(),
+            pki.load_cert(workspace.path(TDX_CERT).read_bytes()),
+            client_cert=workspace.path(TDX_CLIENT_CERT),
+            client_key=workspace.path(TDX_CLIENT_KEY),
+            timeout=timeout,
+        )
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _check_server(self, response: httpx.Response) -> None:
+        if peer_certificate(response) != self._server:
+            raise AttestationError(
+                f"{self.url} presented a certificate other than the pinned {TDX_CERT}: "
+                "another VM, or a machine in the middle"
+            )
+
+    def _error(self, exc: httpx.HTTPError) -> ModelyoError:
+        return ModelyoError(
+            describe_tls_error(exc, self.url, presented_client_cert=self._presents_cert)
+        )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: BaseModel | None = None,
+        params: dict[str, str] | None = None,
+    ) -> M:
+        try:
+            response = self._client.request(
+                method,
+                path,
+                params=params,
+                content=body.model_dump_json() if body else None,
+                headers={"content-type": "application/json"} if body else None,
+            )
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        self._check_server(response)
+        return parse_response(model, response, self.url)
+
+    def _stream(
+        self, method: str, path: str, params: dict[str, str] | None = None
+    ) -> Iterator[bytes]:
+        try:
+            with self._client.stream(method, path, params=params, timeout=None) as response:
+                self._check_server(response)
+                if not response.is_success:
+                    response.read()
+                    raise_for_error(response, self.url)
+                yield from response.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+
+    # --- ownership ------------------------------------------------------------------------
+
+    def claim_ownership(self, key: ec.EllipticCurvePrivateKey, name: str) -> api.OwnershipGrant:
+        """Ask to become the owner; raises `AlreadyOwnedError` when someone else is."""
+        csr = pki.csr_pem(pki.make_csr(key, name))
+        return self._call("POST", api.OWNERSHIP, api.OwnershipGrant, api.OwnershipClaim(csr=csr))
+
+    # --- GPUs, images, containers ---------------------------------------------------------
+
+    def gpus(self) -> api.GpuReport:
+        return self._call("GET", api.GPUS, api.GpuReport)
+
+    def load_image(self, chunks: Iterable[bytes]) -> api.LoadResult:
+        """Stream a `docker save` tarball to the agent."""
+        try:
+            response = self._client.post(
+                api.IMAGES,
+                content=chunks,
+                headers={"content-type": "application/x-tar"},
+                timeout=httpx.Timeout(None, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        self._check_server(response)
+        return parse_response(api.LoadResult, response, self.url)
+
+    def images(self) -> api.ImageList:
+        return self._call("GET", api.IMAGES, api.ImageList)
+
+    def create(self, spec: api.ContainerSpec) -> api.ContainerInfo:
+        return self._call("POST", api.CONTAINERS, api.ContainerInfo, spec)
+
+    def containers(self) -> api.ContainerList:
+        return self._call("GET", api.CONTAINERS, api.ContainerList)
+
+    def inspect(self, name: str) -> api.ContainerInfo:
+        return self._call("GET", api.CONTAINER.format(name=name), api.ContainerInfo)
+
+    def start(self, name: str) -> api.ContainerInfo:
+        return self._call("POST", api.CONTAINER_START.format(name=name), api.ContainerInfo)
+
+    def stop(self, name: str) -> api.ContainerInfo:
+        return self._call("POST", api.CONTAINER_STOP.format(name=name), api.ContainerInfo)
+
+    def delete(self, name: str) -> None:
+        try:
+            response = self._client.delete(api.CONTAINER.format(name=name))
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        self._check_server(response)
+        raise_for_error(response, self.url)
+
+    def wait(self, name: str, timeout: float | None = None) -> api.WaitResult:
+        params = {"timeout": str(timeout)} if timeout is not None else None
+        try:
+            response = self._client.post(
+                api.CONTAINER_WAIT.format(name=name),
+                params=params,
+                timeout=httpx.Timeout(None if timeout is None else timeout + 30, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        self._check_server(response)
+        return parse_response(api.WaitResult, response, self.url)
+
+    def logs(self, name: str, *, follow: bool = False) -> Iterator[bytes]:
+        params = {"follow": "true" if follow else "false"}
+        return self._stream("GET", api.CONTAINER_LOGS.format(name=name), params)
+
+    def get_archive(self, name: str, path: str) -> Iterator[bytes]:
+        return self._stream("GET", api.CONTAINER_ARCHIVE.format(name=name), {"path": path})
+
+    def put_archive(self, name: str, path: str, chunks: Iterable[bytes]) -> None:
+        try:
+            response = self._client.put(
+                api.CONTAINER_ARCHIVE.format(name=name),
+                params={"path": path},
+                content=chunks,
+                headers={"content-type": "application/x-tar"},
+                timeout=httpx.Timeout(None, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise self._error(exc) from None
+        self._check_server(response)
+        raise_for_error(response, self.url)
+
+
+def file_chunks(path: Path, progress: object | None = None) -> Iterator[bytes]:
+    """Read a file in upload-sized chunks (constant memory), reporting bytes to `progress`."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK):
+            if progress is not None:
+                progress(len(chunk))  # type: ignore[operator]
+            yield chunk
+
+
+def report_data_nonce(nonce: bytes, key_spki: bytes) -> bytes:
+    """The GPU nonce the agent must have used: REPORTDATA[0:32] for our challenge."""
+    return binding.report_data(key_spki, nonce)[:32]

@@ -1,0 +1,47 @@
+"""What every Modelyo client shares: timeouts and turning error answers into exceptions."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from modelyo.api.ca import ErrorBody
+from modelyo.errors import ModelyoError
+
+TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+M = TypeVar("M", bound=BaseModel)
+
+
+class ServiceError(ModelyoError):
+    """A Modelyo service answered with an error: `status`, `code` and its explanation."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+
+
+class AlreadyOwnedError(ServiceError):
+    """The service already has an owner (HTTP 409)."""
+
+
+def raise_for_error(response: httpx.Response, url: str) -> None:
+    if response.is_success:
+        return
+    try:
+        body = ErrorBody.model_validate_json(response.content)
+        code, detail = body.error, body.detail
+    except ValidationError:
+        code, detail = "http", f"{url} answered HTTP {response.status_code}: {response.text[:200]}"
+    cls = AlreadyOwnedError if response.status_code == 409 else ServiceError
+    raise cls(response.status_code, code, detail)
+
+
+def parse_response(model: type[M], response: httpx.Response, url: str) -> M:
+    raise_for_error(response, url)
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise ModelyoError(f"{url} sent a malformed {model.__name__}: {exc}") from None
