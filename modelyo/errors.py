@@ -81,3 +81,70 @@ class StateError(ModelyoError):
     """A service's persistent state cannot be used as it is: sealed by another build or
     platform, tampered with, locked by another process, or unreadable. It is never overwritten.
     """
+
+
+class GpuEvidenceError(ModelyoError, ValueError):
+    """GPU confidential-computing evidence is malformed, or was asked for with a bad nonce.
+
+    For a malformed attestation report, `field` names the structure that failed to parse and
+    `offset` the byte offset, from the start of the report, where it was expected; both are None
+    for errors that are not about the report's bytes.
+    """
+
+    def __init__(
+        self, message: str, *, field: str | None = None, offset: int | None = None
+    ) -> None:
+        where = f"{field} at offset {offset}: " if field is not None else ""
+        prefix = "malformed GPU attestation report: " if field is not None else ""
+        super().__init__(f"{prefix}{where}{message}")
+        self.field = field
+        self.offset = offset
+
+
+class ContainerError(ModelyoError):
+    """The TDX agent's container runtime could not do what was asked.
+
+    `status` is the HTTP status the agent answers with and `code` the `error` field of its JSON
+    body; the subclasses set both. This class itself means the Docker engine failed (500).
+    """
+
+    status: int = 500
+    code: str = "engine_error"
+
+
+class ContainerNotFoundError(ContainerError):
+    """No such container, image or path (among those this agent created or loaded)."""
+
+    status = 404
+    code = "not_found"
+
+
+class ContainerConflictError(ContainerError):
+    """A name is taken, or the container is in the wrong state (running, not started, ...)."""
+
+    status = 409
+    code = "conflict"
+
+
+class ContainerInvalidError(ContainerError, ValueError):
+    """Refused: a broken or truncated image upload, a key id this VM may not use, a GPU the VM
+    lacks, a malformed archive."""
+
+    status = 422
+    code = "invalid"
+
+
+class UploadTooLargeError(ContainerError):
+    """An upload (image tarball, archive) is larger than the agent accepts."""
+
+    status = 413
+    code = "too_large"
+
+
+class CryptFolderError(EncryptionError):
+    """A request through a container's /modelyo folders failed: the agent answered with
+    NAME.error (its text is the message), or no answer came in time (`timed_out`)."""
+
+    def __init__(self, message: str, *, path: str | None = None, timed_out: bool = False) -> None:
+        super().__init__(message, path=path)
+        self.timed_out = timed_out
