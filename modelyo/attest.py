@@ -14,29 +14,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from modelyo import pki
-from modelyo.attestation.policy import SgxPolicy, load_policy, parse_policy
+from modelyo import gpu, pki
+from modelyo.api.agent import GpuReport
+from modelyo.attestation import binding
+from modelyo.attestation.policy import SgxPolicy, TdxPolicy, load_policy, parse_policy
 from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.client import agent as agent_client
 from modelyo.client import ca as ca_client
-from modelyo.client.http import AlreadyOwnedError
-from modelyo.errors import ConfigError
+from modelyo.client.agent import AttestedAgent
+from modelyo.client.http import AlreadyOwnedError, ServiceError
+from modelyo.errors import AttestationError, ConfigError
 from modelyo.measure import measure
 from modelyo.workspace import (
     CA_CERT,
     CA_CLIENT_CERT,
     CA_CLIENT_KEY,
+    TDX_CERT,
+    TDX_CLIENT_CERT,
+    TDX_CLIENT_KEY,
     Endpoint,
     Workspace,
     WorkspaceConfig,
 )
 
 PENDING_KEY = ".ca_client.key.pending"
+TDX_PENDING_KEY = ".tdx_client.key.pending"
+G = TypeVar("G")
 
 
 @dataclass
@@ -145,45 +155,61 @@ def attest_ca(
             client.list_vms()  # an owner-only call: proves the CA still knows us
         result.ownership = "already owner"
         result.client_fingerprint = pki.fingerprint(cert)
-        _save_config(workspace, url, attested.simulated, sim_dir)
+        _save_config(workspace, ca_url=url, simulated=attested.simulated, sim_dir=sim_dir)
         return result
 
-    pending = workspace.path(PENDING_KEY)
-    key = pki.read_private_key(pending) if pending.is_file() else _new_pending_key(pending)
-    try:
-        with ca_client.CaClient(url, root_pem) as client:
-            grant = client.claim_ownership(key, f"modelyo owner {_login()}")
-    except AlreadyOwnedError as exc:
-        pending.unlink(missing_ok=True)
-        raise AlreadyOwnedError(
-            exc.status,
-            exc.code,
-            f"the CA at {url} belongs to another party: {exc} Nothing was changed in "
-            f"{workspace.root}.",
-        ) from None
+    with ca_client.CaClient(url, root_pem) as client:
+        key, grant = _claim(workspace, PENDING_KEY, "CA", url, client.claim_ownership)
     cert = pki.load_cert(grant.client_certificate)
     pki.verify_chain(cert, [], attested.root, role=pki.Role.OWNER)
     if cert.public_key() != key.public_key():
         raise ConfigError("the CA issued a client certificate for another key; not storing it")
     pki.write_cert(workspace.path(CA_CLIENT_CERT), cert)
-    os.replace(pending, workspace.path(CA_CLIENT_KEY))
+    os.replace(workspace.path(PENDING_KEY), workspace.path(CA_CLIENT_KEY))
     pki.write_cert(pinned, attested.root)
-    _save_config(workspace, url, attested.simulated, sim_dir)
+    _save_config(workspace, ca_url=url, simulated=attested.simulated, sim_dir=sim_dir)
     result.ownership = "claimed"
     result.client_fingerprint = pki.fingerprint(cert)
     result.files = [CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY]
     return result
 
 
-def _new_pending_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = pki.new_key()
-    pki.write_private_key(path, key)
-    return key
+def _claim(
+    workspace: Workspace,
+    pending_name: str,
+    what: str,
+    url: str,
+    claim: Callable[[ec.EllipticCurvePrivateKey, str], G],
+) -> tuple[ec.EllipticCurvePrivateKey, G]:
+    """Claim ownership with a key kept in a hidden pending file until the grant is stored.
+
+    The key reaches the disk (0600) before the claim, so a crash after the service granted
+    ownership can resume with the same key (services answer a repeated claim by their owner's
+    key with the same certificate). A refusal removes it: nothing is left behind.
+    """
+    pending = workspace.path(pending_name)
+    if pending.is_file():
+        key = pki.read_private_key(pending)
+    else:
+        key = pki.new_key()
+        pki.write_private_key(pending, key)
+    try:
+        return key, claim(key, f"modelyo owner {_login()}")
+    except AlreadyOwnedError as exc:
+        pending.unlink(missing_ok=True)
+        raise AlreadyOwnedError(
+            exc.status,
+            exc.code,
+            f"the {what} at {url} belongs to another party: {exc} Nothing was changed in "
+            f"{workspace.root}.",
+        ) from None
 
 
-def _save_config(workspace: Workspace, url: str, simulated: bool, sim_dir: Path | None) -> None:
+def _save_config(
+    workspace: Workspace, *, simulated: bool, sim_dir: Path | None = None, **urls: str
+) -> None:
     config = workspace.config()
-    update = {"ca_url": url, "simulation": simulated}
+    update: dict[str, Any] = {**urls, "simulation": simulated or config.simulation}
     if sim_dir is not None and simulated:
         update["sim_dir"] = str(sim_dir)
     workspace.save_config(WorkspaceConfig.model_validate({**config.model_dump(), **update}))
@@ -193,3 +219,171 @@ def _login() -> str:
     with contextlib.suppress(OSError):
         return os.getlogin()
     return os.environ.get("USER", "user")
+
+
+# --- step 2: the TDX VM -----------------------------------------------------------------------
+
+
+@dataclass
+class TdxOnboarding:
+    """The outcome of step 2."""
+
+    url: str
+    url_source: str
+    vm_id: str
+    verdict: Verdict
+    gpus: GpuReport
+    server_fingerprint: str
+    client_fingerprint: str
+    ownership: str
+    expected_from: str
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "url_source": self.url_source,
+            "vm_id": self.vm_id,
+            "simulated": self.verdict.simulated,
+            "ownership": self.ownership,
+            "server_fingerprint": self.server_fingerprint,
+            "client_fingerprint": self.client_fingerprint,
+            "expected_measurements_from": self.expected_from,
+            "gpus": self.gpus.model_dump(),
+            "files": self.files,
+            "verdict": self.verdict.to_dict(),
+        }
+
+
+def expected_tdx_policy(
+    *, policy_file: Path | None, mrtd: tuple[str, ...] = (), simulation: bool
+) -> tuple[TdxPolicy, str]:
+    """The TDX VM policy to apply, and where its expected values came from."""
+    policy = load_policy(policy_file).tdx if policy_file else TdxPolicy()
+    source = str(policy_file) if policy_file else "defaults"
+    if mrtd:
+        policy = parse_policy({"tdx": {**policy.model_dump(), "allowed_mrtd": list(mrtd)}}).tdx
+        source = "--mrtd"
+    if not policy.pins_anything():
+        if not simulation:
+            raise ConfigError(
+                "no expected TDX VM measurement: pass --mrtd HEX or --policy FILE with [tdx] "
+                "allowed_mrtd; refusing to trust an unpinned VM"
+            )
+        policy = parse_policy(
+            {"tdx": {**policy.model_dump(), "allowed_mrtd": [measure("agent").hex]}}
+        ).tdx
+        source = "`modelyo measure agent` of this installation (SIMULATED)"
+    return policy, source
+
+
+def attest_tdx(
+    workspace: Workspace,
+    endpoint: Endpoint,
+    *,
+    trust: TrustRoot,
+    policy: TdxPolicy,
+    expected_from: str,
+    sim_dir: Path | None = None,
+    now: int | None = None,
+) -> TdxOnboarding:
+    """Step 2: the VM's certificate from the CA, its quote and GPUs verified, ownership."""
+    url = endpoint.url.rstrip("/")
+    if not workspace.ca_owner:
+        raise ConfigError("step 2 needs step 1: attest the CA first (`modelyo attest --ca URL`)")
+    root = pki.load_cert(workspace.path(CA_CERT).read_bytes())
+    root_pem = pki.cert_pem(root)
+
+    nonce = binding.new_nonce()
+    body, presented = agent_client.fetch_attestation(url, nonce)
+    with ca_client.CaClient.for_owner(workspace) as ca:
+        try:
+            issued = ca.vm_certificate(body.vm_id)
+        except ServiceError as exc:
+            raise AttestationError(
+                f"the CA has not certified VM {body.vm_id!r} that {url} claims to be ({exc})"
+            ) from None
+    vm_cert = pki.load_cert(issued.server_certificate)
+    attested = agent_client.check_attestation(
+        url,
+        body,
+        presented,
+        nonce,
+        ca_root=root,
+        vm_certificate=vm_cert,
+        trust=trust,
+        policy=policy,
+        now=now,
+    )
+    gpus = verify_gpu_evidence(body.gpus, attested, nonce, sim_dir=sim_dir)
+    result = TdxOnboarding(
+        url=url,
+        url_source=endpoint.source,
+        vm_id=body.vm_id,
+        verdict=attested.verdict,
+        gpus=gpus,
+        server_fingerprint=pki.fingerprint(vm_cert),
+        client_fingerprint="",
+        ownership="",
+        expected_from=expected_from,
+    )
+
+    pinned = workspace.path(TDX_CERT)
+    if pinned.is_file() and pki.load_cert(pinned.read_bytes()) != vm_cert:
+        raise ConfigError(
+            f"{workspace.root} holds the files of another TDX VM; run `modelyo attest` for "
+            f"{url} in a new directory"
+        )
+    if workspace.has(TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY):
+        with agent_client.AgentClient.for_owner(workspace) as agent:
+            agent.gpus()  # an owner-only call: proves the VM still knows us
+        result.ownership = "already owner"
+        chain = pki.load_certs(workspace.path(TDX_CLIENT_CERT).read_bytes())
+        result.client_fingerprint = pki.fingerprint(chain[0])
+        _save_config(workspace, tdx_url=url, simulated=attested.simulated, sim_dir=sim_dir)
+        return result
+
+    with agent_client.AgentClient(url, root_pem, vm_cert) as agent:
+        key, grant = _claim(workspace, TDX_PENDING_KEY, "TDX VM", url, agent.claim_ownership)
+    leaf = pki.load_cert(grant.client_certificate)
+    issuer = pki.load_cert(grant.issuer_certificate)
+    pki.verify_chain(issuer, [], root, role=pki.Role.VM_ISSUER)
+    pki.verify_chain(leaf, [issuer], root, role=pki.Role.VM_OWNER)
+    if issuer.public_key() != vm_cert.public_key():
+        raise AttestationError("the client certificate was issued by another VM; not storing it")
+    if leaf.public_key() != key.public_key():
+        raise ConfigError("the VM issued a client certificate for another key; not storing it")
+    pki.write_cert(workspace.path(TDX_CLIENT_CERT), leaf, issuer)
+    os.replace(workspace.path(TDX_PENDING_KEY), workspace.path(TDX_CLIENT_KEY))
+    pki.write_cert(pinned, vm_cert)
+    _save_config(workspace, tdx_url=url, simulated=attested.simulated, sim_dir=sim_dir)
+    result.ownership = "claimed"
+    result.client_fingerprint = pki.fingerprint(leaf)
+    result.files = [TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY]
+    return result
+
+
+def verify_gpu_evidence(
+    report: GpuReport, attested: AttestedAgent, nonce: bytes, *, sim_dir: Path | None
+) -> GpuReport:
+    """Check every GPU's evidence ourselves; its nonce must be REPORTDATA[0:32] of the quote."""
+    gpu_nonce = binding.report_data(
+        binding.spki_der(attested.server_certificate.public_key()), nonce
+    )[:32]
+    if attested.simulated:
+        # The simulated GPUs' root and reference values live beside the simulated platform.
+        platform = gpu.simulated_platform(sim_dir / "gpu" if sim_dir else None)
+        roots, references = [platform.device_root()], platform.reference_measurements()
+    elif report.gpus:
+        raise ConfigError(
+            "the VM reports GPUs but no NVIDIA device root and reference measurements are "
+            "configured to verify them; hardware GPU verification needs both"
+        )
+    else:
+        return report
+    checked = gpu.verify(report, gpu_nonce, roots=roots, references=references)
+    failed = [g for g in checked.gpus if not g.verified]
+    if failed:
+        problems = "; ".join(f"GPU {g.index}: {', '.join(g.problems)}" for g in failed)
+        raise AttestationError(f"TDX VM attestation refused: GPU evidence: {problems}")
+    return checked

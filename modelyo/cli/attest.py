@@ -9,7 +9,14 @@ import click
 from rich.console import Console
 
 from modelyo import dev
-from modelyo.attest import CaOnboarding, attest_ca, expected_ca_policy
+from modelyo.attest import (
+    CaOnboarding,
+    TdxOnboarding,
+    attest_ca,
+    attest_tdx,
+    expected_ca_policy,
+    expected_tdx_policy,
+)
 from modelyo.attestation.verify import TrustRoot
 from modelyo.cli.render import SIMULATED_BANNER, print_json
 from modelyo.errors import ConfigError
@@ -26,6 +33,7 @@ from modelyo.workspace import Workspace, resolve_endpoint
 )
 @click.option("--mrenclave", multiple=True, help="Expected CA MRENCLAVE (hex); repeatable.")
 @click.option("--mrsigner", multiple=True, help="Expected CA MRSIGNER (hex); repeatable.")
+@click.option("--mrtd", multiple=True, help="Expected TDX VM MRTD (hex); repeatable.")
 @click.option(
     "--simulation",
     is_flag=True,
@@ -47,19 +55,26 @@ from modelyo.workspace import Workspace, resolve_endpoint
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attest(
     ca_url: str | None,
+    tdx_url: str | None,
     policy_file: Path | None,
     mrenclave: tuple[str, ...],
     mrsigner: tuple[str, ...],
+    mrtd: tuple[str, ...],
     simulation: bool,
     sim_dir: Path | None,
     at: int | None,
     directory: Path,
     as_json: bool,
 ) -> None:
-    """Attest the Modelyo CA and take ownership; store ca.pem, ca_client.pem, ca_client.key."""
+    """Attest the Modelyo CA, then the TDX VM, and take ownership of both.
+
+    Stores ca.pem, ca_client.pem, ca_client.key (step 1) and tdx_ca.pem, tdx_client.pem,
+    tdx_client.key (step 2) in the directory, keys with mode 0600.
+    """
     workspace = Workspace(directory.resolve())
     stack = dev.read_stack()
-    endpoint = resolve_endpoint("ca", ca_url, workspace, dev_stack=dev.running_endpoints())
+    running = dev.running_endpoints()
+    endpoint = resolve_endpoint("ca", ca_url, workspace, dev_stack=running)
     if endpoint is None:
         raise ConfigError(
             "no CA endpoint: pass --ca URL, set MODELYO_CA_URL, write ca_url in ./modelyo.toml, "
@@ -93,10 +108,66 @@ def attest(
         now=at,
     )
     console = Console()
-    if as_json:
-        print_json(console, {"ca": result.to_dict()})
-    else:
+    if not as_json:
         render_onboarding(console, result)
+    tdx_endpoint = resolve_endpoint("tdx", tdx_url, workspace, dev_stack=running)
+    tdx_result = None
+    if tdx_endpoint is not None:
+        tdx_policy, tdx_expected = expected_tdx_policy(
+            policy_file=policy_path, mrtd=mrtd, simulation=simulated
+        )
+        tdx_result = attest_tdx(
+            workspace,
+            tdx_endpoint,
+            trust=trust,
+            policy=tdx_policy,
+            expected_from=tdx_expected,
+            sim_dir=sim_dir,
+            now=at,
+        )
+    if as_json:
+        print_json(
+            console, {"ca": result.to_dict(), "tdx": tdx_result.to_dict() if tdx_result else None}
+        )
+    elif tdx_result is not None:
+        render_tdx(console, tdx_result)
+    else:
+        console.print(
+            "[yellow]TDX VM: no endpoint configured[/] (pass --tdx URL, set MODELYO_TDX_URL, "
+            "or run `modelyo dev up`); step 2 skipped"
+        )
+
+
+def render_tdx(console: Console, result: TdxOnboarding) -> None:
+    """The readable summary of step 2."""
+    verdict = result.verdict
+    console.print(f"[bold green]TDX VM attested[/] {result.url}  [dim]({result.url_source})[/]")
+    console.print(
+        f"  VM id: {result.vm_id}; TCB status: {verdict.status}; advisories: "
+        f"{', '.join(verdict.advisories) or 'none'}"
+    )
+    for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mrconfigid"):
+        console.print(f"  {name}: {verdict.measurements.get(name)}", soft_wrap=True)
+    console.print(f"  expected measurements from: {result.expected_from}", highlight=False)
+    if not result.gpus.gpus:
+        console.print(f"  GPUs: none ({result.gpus.detail or 'the VM reports no GPU'})")
+    for g in result.gpus.gpus:
+        flag = " [yellow]SIMULATED[/]" if g.simulated else ""
+        console.print(
+            f"  GPU {g.index}: {g.name} ({g.arch}), CC mode {g.cc_mode}, driver "
+            f"{g.driver_version}, VBIOS {g.vbios_version}: evidence verified{flag}",
+            highlight=False,
+        )
+    console.print(
+        f"  server certificate (tdx_ca.pem) SHA-256: {result.server_fingerprint}", soft_wrap=True
+    )
+    if result.ownership == "claimed":
+        console.print("[bold green]Ownership claimed[/]: this directory holds the VM owner's keys")
+    else:
+        console.print("[green]Already the owner of the VM[/]: nothing changed")
+    console.print(f"  client certificate fingerprint: {result.client_fingerprint}", soft_wrap=True)
+    if result.files:
+        console.print(f"  wrote {', '.join(result.files)} (the key with mode 0600)")
 
 
 def render_onboarding(console: Console, result: CaOnboarding) -> None:
