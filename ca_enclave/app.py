@@ -11,18 +11,14 @@ by policy").
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from cryptography import x509
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Depends, FastAPI, Query
 
-from ca_enclave.service import CaService, ServiceError
-from modelyo import pki
+from ca_enclave.service import CaService
 from modelyo.api import ca as api
-from modelyo.pki import CertificateError
+from modelyo.service.http import error_responses, install_error_handlers, peer_certificate
 
 log = logging.getLogger("modelyo.ca")
 
@@ -39,35 +35,16 @@ Every call except attestation and the first ownership claim needs a client certi
 by this CA, presented in the TLS handshake: 401 without one, 403 with the wrong role.
 """
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": api.ErrorBody, "description": text}
-    for status, text in {
+_ERRORS = error_responses(
+    {
         400: "bad input",
         401: "no client certificate",
         403: "wrong role or not allowed",
         404: "unknown",
         409: "already owned",
         422: "refused by policy",
-    }.items()
-}
-
-
-def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content=api.ErrorBody(error=code, detail=detail).model_dump()
-    )
-
-
-def peer_certificate(request: Request) -> x509.Certificate | None:
-    """The client certificate the TLS handshake verified, or None when none was presented."""
-    tls = request.scope.get("extensions", {}).get("tls") or {}
-    chain = tls.get("client_cert_chain") or []
-    if not chain:
-        return None
-    try:
-        return pki.load_cert(chain[0])
-    except CertificateError:  # pragma: no cover (the TLS layer already parsed it)
-        return None
+    }
+)
 
 
 Peer = Annotated[x509.Certificate | None, Depends(peer_certificate)]
@@ -85,30 +62,7 @@ def create_app(service: CaService) -> FastAPI:
         redoc_url=None,
     )
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status >= 500:
-            log.error("%s", exc)
-        return _error(exc.status, exc.code, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-            for err in exc.errors()
-        )
-        return _error(400, "bad-request", f"invalid request: {problems}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        # The type only: a message could carry request data; the traceback goes to the log.
-        log.exception("internal error: %s", type(exc).__name__)
-        return _error(500, "internal", "internal error in the CA; see its log")
+    install_error_handlers(app, service="the CA", log=log)
 
     @app.get(
         api.ATTESTATION,

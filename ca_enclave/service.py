@@ -3,8 +3,8 @@
 The HTTP layer (`ca_enclave.app`) passes the client certificate that the TLS handshake verified
 (or None) and the parsed request; the service checks the caller's role against the CA root,
 does the work, records it in the audit log, and returns the wire model from
-`modelyo.api.ca`. Refusals are `ServiceError`s carrying the HTTP status and the API's error
-code, with a message that says what to do.
+`modelyo.api.ca`. Refusals are `ServiceError`s (`modelyo.service.errors`, shared with the
+agent) carrying the HTTP status and the API's error code, with a message that says what to do.
 
 Who may call what is the table in `modelyo.api.ca`. A client certificate counts only if the
 CA root signed it directly: certificates that a VM's intermediate (role vm-issuer) signed
@@ -58,8 +58,17 @@ from modelyo.api.ca import (
 from modelyo.attestation import binding, ratls
 from modelyo.attestation.collateral import Collateral
 from modelyo.attestation.verify import TrustRoot, Verdict, verify_quote
-from modelyo.errors import CollateralError, ModelyoError, PlatformError
+from modelyo.errors import CollateralError, PlatformError
 from modelyo.pki import CertificateError, Role
+from modelyo.service.errors import AlreadyOwned as Conflict
+from modelyo.service.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Refused,
+    Unauthenticated,
+    Unavailable,
+)
 from modelyo.tee.provider import QuoteProvider
 from modelyo.tee.sim import SimulatedPlatform
 
@@ -75,44 +84,6 @@ _HOST = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class ServiceError(ModelyoError):
-    """A refusal with its HTTP status and the API's error code."""
-
-    status = 500
-    code = "internal"
-
-
-class BadRequest(ServiceError):
-    status, code = 400, "bad-request"
-
-
-class Unauthenticated(ServiceError):
-    status, code = 401, "unauthenticated"
-
-
-class Forbidden(ServiceError):
-    status, code = 403, "forbidden"
-
-
-class NotFound(ServiceError):
-    status, code = 404, "not-found"
-
-
-class Conflict(ServiceError):
-    status, code = 409, "already-owned"
-
-
-class Refused(ServiceError):
-    status, code = 422, "refused"
-
-
-class Unavailable(ServiceError):
-    status, code = 503, "unavailable"
 
 
 # --- the platform the CA runs on ------------------------------------------------------------

@@ -18,6 +18,7 @@ Guarantees:
   is written to a temporary file, fsynced, and hard-linked to `owner.sealed`; `link` fails with
   EEXIST for everyone but the first, across threads, processes and crashes. (Where the file
   system has no hard links, as under Gramine, `open(O_CREAT | O_EXCL)` decides instead.) The
+  primitive is `modelyo.service.state.create_exclusive`, shared with the TDX agent. The
   owner is then also recorded in the sealed state, and only then is the claimant answered. So:
   a deleted `owner.sealed` is detected at start ("state tampered: owner record missing")
   instead of reopening ownership; an `owner.sealed` without an owner in the state (a crash
@@ -36,18 +37,14 @@ between several CA enclaves) and sealing its value into the state; see docs/ca.m
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
-import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -62,15 +59,18 @@ from modelyo.api.ca import AuditEntry, CaPolicy
 from modelyo.attestation.binding import spki_der
 from modelyo.errors import ModelyoError, StateError
 from modelyo.files import atomic_write_bytes, fsync_dir
+from modelyo.service.state import StateLock as SharedStateLock
+from modelyo.service.state import (
+    create_exclusive,
+    prepare_directory,
+    remove_stale_temporaries,
+)
 
 STATE_FILE = "state.sealed"
 OWNER_FILE = "owner.sealed"
 AUDIT_FILE = "audit.jsonl"
-LOCK_FILE = ".lock"
 STATE_FORMAT = 1
 ROOT_COMMON_NAME = "Modelyo CA root"
-# link() failing with these means the file system has no hard links (not that we lost).
-_NO_HARD_LINKS = {errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 log = logging.getLogger("modelyo.ca")
 
@@ -133,64 +133,14 @@ def spki_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(spki_der(public_key)).hexdigest()
 
 
-# --- the process lock --------------------------------------------------------------------------
+# --- the process lock and the directory ------------------------------------------------------
 
 
-class StateLock:
+class StateLock(SharedStateLock):
     """An exclusive fcntl lock on `DIR/.lock`: one CA process per state directory."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> StateLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StateError(
-                f"another modelyo-ca (pid {holder}) is serving the state directory "
-                f"{self.path.parent}; stop it first, or give this one another --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the lock
-            self._fd = None
-
-    def __enter__(self) -> StateLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def prepare_directory(directory: Path) -> Path:
-    """Create the state directory (0700) or check that an existing one is private."""
-    directory = Path(directory).absolute()
-    try:
-        existed = directory.exists()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not existed:
-            os.chmod(directory, 0o700)  # the umask may have removed bits, never added
-        mode = stat.S_IMODE(directory.stat().st_mode)
-    except OSError as exc:
-        raise StateError(
-            f"cannot use state directory {directory}: {exc.strerror or exc}; check its "
-            "permissions or choose another --state-dir"
-        ) from None
-    if mode & 0o077:
-        raise StateError(
-            f"state directory {directory} is open to other users (mode {mode:03o}); run "
-            f"`chmod 700 {directory}`"
-        )
-    return directory
+        super().__init__(directory, program="modelyo-ca")
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -417,34 +367,14 @@ class Store:
         raise AlreadyOwnedError(already_owned_message(owner))
 
     def _create_owner_file(self, blob: bytes) -> bool:
-        """Create `owner.sealed` holding `blob` unless it exists: True for the one creator."""
-        target = self.directory / OWNER_FILE
-        tmp = self.directory / f".owner.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        _write_new(tmp, blob)
-        try:
-            # The decision: link() creates the name only if it does not exist, atomically, and
-            # the name appears with its complete, fsynced content.
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
-                raise
-        else:
-            fsync_dir(self.directory)
-            return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        # No hard links here (Gramine does not implement link()): exclusive creation decides
-        # instead. A crash while writing leaves a file that does not unseal; as no claimant was
-        # answered before the sealed state recorded the owner, the next start sets it aside.
-        try:
-            _write_new(target, blob)
-        except FileExistsError:
-            return False
-        fsync_dir(self.directory)
-        return True
+        """Create `owner.sealed` holding `blob` unless it exists: True for the one creator.
+
+        `modelyo.service.state.create_exclusive` decides (link, or O_EXCL without hard links).
+        A crash while writing without hard links leaves a file that does not unseal; as no
+        claimant was answered before the sealed state recorded the owner, the next start sets
+        it aside.
+        """
+        return create_exclusive(self.directory / OWNER_FILE, blob)
 
     def put_vm(self, record: VmRecord, details: Mapping[str, Any]) -> None:
         """Add or replace a registered VM."""
@@ -540,15 +470,6 @@ class Store:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create `path` (never an existing one) with `data`, mode 0600, fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -605,7 +526,8 @@ def _reconcile_tail(
 def _remove_stale_temporaries(path: Path) -> None:
     # Claims that crashed before their link, writes that crashed before their rename: their
     # temporary files decided nothing.
-    for leftover in [*path.glob(".owner.*.tmp"), *path.glob(f".{STATE_FILE}.*.tmp")]:
+    remove_stale_temporaries(path, OWNER_FILE)
+    for leftover in path.glob(f".{STATE_FILE}.*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
 

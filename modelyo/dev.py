@@ -2,13 +2,19 @@
 
 Everything lives in one directory (`$MODELYO_DEV_DIR`, default `~/.local/share/modelyo/dev`):
 
-    sim/         the simulated platform (root CA, PCK keys, platform secret)
-    ca/          the CA's sealed state
-    logs/ca.log  the CA's log
-    stack.json   what runs where (pids, URLs), written atomically
+    sim/            the simulated platform (root CA, PCK keys, platform secret; gpu/ for GPUs)
+    ca/             the CA's sealed state
+    agent/          the agent's state (its key, its registration, its owner)
+    logs/ca.log     the CA's log
+    logs/agent.log  the agent's log
+    stack.json      what runs where (pids, URLs), written atomically
 
-Services run as background processes in their own session, so they outlive the command that
-started them; `down` stops them with SIGTERM (SIGKILL after a grace period) and keeps the state.
+`up` starts the CA, then the agent pointed at it (simulated TD, one SIMULATED GPU by default,
+the machine's real Docker engine), and returns once the agent is registered with the CA. The
+CA's VM policy admits agents running this installation's code (MRTD = `modelyo measure agent`)
+with every key id. Services run as background processes in their own session, so they outlive
+the command that started them; `down` stops them with SIGTERM (SIGKILL after a grace period)
+and keeps the state.
 """
 
 from __future__ import annotations
@@ -22,17 +28,25 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+import httpx
+from pydantic import BaseModel, ValidationError
 
-from modelyo.api.ca import CaPolicy, VmRule
+from modelyo.api.agent import ATTESTATION
+from modelyo.api.ca import CaPolicy, ErrorBody, VmRule
+from modelyo.attestation.binding import new_nonce
 from modelyo.attestation.policy import TdxPolicy
 from modelyo.client.ca import wait_until_serving
+from modelyo.client.tls import first_contact_context
 from modelyo.errors import ModelyoError
 from modelyo.files import atomic_write_text
+from modelyo.images.base import DEFAULT_TAG as BASE_IMAGE
 from modelyo.measure import measure
 
 DEFAULT_CA_PORT = 8443
+DEFAULT_AGENT_PORT = 8444
+DEFAULT_GPUS = 1
 STOP_GRACE_SECONDS = 10.0
+START_TIMEOUT_SECONDS = 60.0
 
 
 class ServiceInfo(BaseModel):
@@ -46,6 +60,7 @@ class StackInfo(BaseModel):
     sim_dir: str
     started_at: int
     ca: ServiceInfo | None = None
+    agent: ServiceInfo | None = None
 
 
 def dev_dir() -> Path:
@@ -89,6 +104,8 @@ def running_endpoints(directory: Path | None = None) -> dict[str, str] | None:
     urls = {}
     if stack.ca and _alive(stack.ca.pid):
         urls["ca"] = stack.ca.url
+    if stack.agent and _alive(stack.agent.pid):
+        urls["tdx"] = stack.agent.url
     return urls or None
 
 
@@ -103,14 +120,22 @@ def _free_port(preferred: int) -> int:
     raise ModelyoError("no free TCP port on 127.0.0.1")
 
 
-def _ca_command() -> list[str]:
-    script = Path(sys.executable).with_name("modelyo-ca")
+def _command(script_name: str, module: str) -> list[str]:
+    script = Path(sys.executable).with_name(script_name)
     if script.exists():
         return [str(script)]
-    found = shutil.which("modelyo-ca")
+    found = shutil.which(script_name)
     if found:
         return [found]
-    return [sys.executable, "-m", "ca_enclave.server"]
+    return [sys.executable, "-m", module]
+
+
+def _ca_command() -> list[str]:
+    return _command("modelyo-ca", "ca_enclave.server")
+
+
+def _agent_command() -> list[str]:
+    return _command("modelyo-agent", "tdx_agent.server")
 
 
 def _dev_vm_policy() -> CaPolicy:
@@ -129,36 +154,41 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def up(directory: Path | None = None, *, ca_port: int | None = None) -> StackInfo:
-    """Start the stack (idempotent: a running stack is returned as it is)."""
-    root = directory or dev_dir()
-    current = read_stack(root)
-    if current and current.ca and _alive(current.ca.pid):
-        return current
-    for sub in ("sim", "ca", "logs"):
-        (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(root, 0o700)
-    policy_file = root / "vm-policy.json"
-    atomic_write_text(policy_file, _dev_vm_policy().model_dump_json(indent=2))
-
-    port = _free_port(DEFAULT_CA_PORT if ca_port is None else ca_port)
-    url = f"https://127.0.0.1:{port}"
-    log = root / "logs" / "ca.log"
-    command = [
-        *_ca_command(),
-        "--listen", f"127.0.0.1:{port}",
-        "--state-dir", str(root / "ca"),
-        "--platform", "simulated",
-        "--sim-dir", str(root / "sim"),
-        "--vm-policy", str(policy_file),
-    ]  # fmt: skip
+def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _start_ca(root: Path, port: int) -> ServiceInfo:
+    policy_file = root / "vm-policy.json"
+    atomic_write_text(policy_file, _dev_vm_policy().model_dump_json(indent=2))
+    url = f"https://127.0.0.1:{port}"
+    log = root / "logs" / "ca.log"
+    process = _spawn(
+        [
+            *_ca_command(),
+            "--listen", f"127.0.0.1:{port}",
+            "--state-dir", str(root / "ca"),
+            "--platform", "simulated",
+            "--sim-dir", str(root / "sim"),
+            "--vm-policy", str(policy_file),
+        ],
+        log,
+    )  # fmt: skip
     try:
-        wait_until_serving(url, timeout=60)
+        wait_until_serving(url, timeout=START_TIMEOUT_SECONDS)
     except ModelyoError:
         if process.poll() is None:
             process.kill()
@@ -167,44 +197,139 @@ def up(directory: Path | None = None, *, ca_port: int | None = None) -> StackInf
         ) from None
     if process.poll() is not None:
         raise ModelyoError(f"the CA exited at start; last lines of {log}:\n{_tail(log)}")
+    return ServiceInfo(url=url, pid=process.pid, log=str(log))
+
+
+def agent_registration(url: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """(True, "") once the agent at `url` is registered with the CA, else (False, why)."""
+    try:
+        with httpx.Client(verify=first_contact_context(), timeout=timeout) as client:
+            response = client.get(url + ATTESTATION, params={"nonce": new_nonce().hex()})
+    except httpx.HTTPError as exc:
+        return False, f"the agent does not answer ({exc or type(exc).__name__})"
+    if response.status_code == 200:
+        return True, ""
+    try:
+        return False, ErrorBody.model_validate_json(response.content).detail
+    except ValidationError:
+        return False, f"the agent answered HTTP {response.status_code}"
+
+
+def _start_agent(
+    root: Path, ca_url: str, port: int, gpus: int, tampered_gpus: tuple[int, ...]
+) -> ServiceInfo:
+    url = f"https://127.0.0.1:{port}"
+    log = root / "logs" / "agent.log"
+    tampered = [arg for index in tampered_gpus for arg in ("--simulated-gpu-tampered", str(index))]
+    process = _spawn(
+        [
+            *_agent_command(),
+            "--listen", f"127.0.0.1:{port}",
+            "--state-dir", str(root / "agent"),
+            "--ca", ca_url,
+            "--platform", "simulated",
+            "--sim-dir", str(root / "sim"),
+            "--simulated-gpus", str(gpus),
+            "--builtin-image", BASE_IMAGE,
+            "--name", "dev-agent",
+            *tampered,
+        ],
+        log,
+    )  # fmt: skip
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    reason = "it did not answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ModelyoError(
+                f"the agent exited at start (exit {process.returncode}); last lines of {log}:\n"
+                f"{_tail(log)}"
+            )
+        registered, reason = agent_registration(url)
+        if registered:
+            return ServiceInfo(url=url, pid=process.pid, log=str(log))
+        if "refused the registration" in reason:
+            break  # the CA's answer will not change by waiting
+        time.sleep(0.2)
+    _stop(process.pid)
+    raise ModelyoError(
+        f"the agent did not register with the CA: {reason}. If the code changed since this "
+        f"stack's CA was created, start afresh: `modelyo dev down` and remove {root}. Last "
+        f"lines of {log}:\n{_tail(log)}"
+    )
+
+
+def up(
+    directory: Path | None = None,
+    *,
+    ca_port: int | None = None,
+    agent_port: int | None = None,
+    gpus: int = DEFAULT_GPUS,
+    tampered_gpus: tuple[int, ...] = (),
+) -> StackInfo:
+    """Start the stack: the CA, then the agent registered with it (idempotent: what runs
+    already is kept). `tampered_gpus` makes those SIMULATED GPUs report a measurement off
+    their reference (to see a GPU refused)."""
+    root = directory or dev_dir()
+    current = read_stack(root)
+    ca = current.ca if current and current.ca and _alive(current.ca.pid) else None
+    agent = current.agent if current and current.agent and _alive(current.agent.pid) else None
+    if ca is not None and agent is not None:
+        return current  # type: ignore[return-value]
+    for sub in ("sim", "ca", "agent", "logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    if ca is None:
+        if agent is not None:
+            _stop(agent.pid)  # it was registered with a CA that is gone
+            agent = None
+        ca = _start_ca(root, _free_port(DEFAULT_CA_PORT if ca_port is None else ca_port))
     stack = StackInfo(
         dev_dir=str(root),
         sim_dir=str(root / "sim"),
-        started_at=int(time.time()),
-        ca=ServiceInfo(url=url, pid=process.pid, log=str(log)),
+        started_at=current.started_at if current and current.ca else int(time.time()),
+        ca=ca,
     )
+    # Recorded before the agent starts, so the CA is found (and stopped) even if it fails.
+    atomic_write_text(root / "stack.json", stack.model_dump_json(indent=2))
+    port = _free_port(DEFAULT_AGENT_PORT if agent_port is None else agent_port)
+    stack.agent = _start_agent(root, ca.url, port, gpus, tuple(tampered_gpus))
     atomic_write_text(root / "stack.json", stack.model_dump_json(indent=2))
     return stack
 
 
 def down(directory: Path | None = None) -> list[str]:
-    """Stop the stack's services; return what was stopped. The state is kept."""
+    """Stop the stack's services (the agent first); return what was stopped. The state is
+    kept."""
     root = directory or dev_dir()
     stack = read_stack(root)
     stopped: list[str] = []
     if stack is None:
         return stopped
-    for name, service in (("ca", stack.ca),):
+    for name, service in (("agent", stack.agent), ("ca", stack.ca)):
         if service is None or not _alive(service.pid):
             continue
-        os.kill(service.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while _alive(service.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(service.pid):
-            os.kill(service.pid, signal.SIGKILL)
+        _stop(service.pid)
         stopped.append(name)
     (root / "stack.json").unlink(missing_ok=True)
     return stopped
 
 
 def status(directory: Path | None = None) -> dict[str, object]:
-    """What is recorded and whether it is alive."""
+    """What is recorded and whether it is alive (the agent: whether it is registered too)."""
     root = directory or dev_dir()
     stack = read_stack(root)
-    services = {}
+    services: dict[str, dict[str, object]] = {}
     if stack and stack.ca:
         services["ca"] = {**stack.ca.model_dump(), "running": _alive(stack.ca.pid)}
+    if stack and stack.agent:
+        running = _alive(stack.agent.pid)
+        registered, reason = agent_registration(stack.agent.url) if running else (False, "")
+        services["agent"] = {
+            **stack.agent.model_dump(),
+            "running": running,
+            "registered": registered,
+            "detail": reason,
+        }
     return {
         "dev_dir": str(root),
         "sim_dir": stack.sim_dir if stack else str(root / "sim"),

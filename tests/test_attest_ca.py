@@ -248,7 +248,8 @@ def test_owner_calls_need_the_owner_certificate(stack, tmp_path):
         client_key=workspace.path(CA_CLIENT_KEY),
     )
     with owner:
-        assert owner.list_vms().vms == []
+        # The only VM is the stack's own agent (`modelyo dev up` starts and registers it).
+        assert [vm.name for vm in owner.list_vms().vms] == ["dev-agent"]
 
 
 def test_vm_registration_and_roles(stack, tmp_path):
@@ -307,9 +308,10 @@ def test_vm_registration_and_roles(stack, tmp_path):
         client_key=workspace.path(CA_CLIENT_KEY),
     )
     with owner:
-        vms = owner.list_vms().vms
-        assert [v.name for v in vms] == ["vm-1"]
-        assert owner.vm_certificate(vms[0].vm_id).server_certificate == result.server_certificate
+        vms = {v.name: v for v in owner.list_vms().vms}
+        assert sorted(vms) == ["dev-agent", "vm-1"]  # the stack's agent, and this one
+        vm_id = vms["vm-1"].vm_id
+        assert owner.vm_certificate(vm_id).server_certificate == result.server_certificate
         # The same key id for the owner and the VM: one key.
         assert owner.release_key("default").key == released.key
 

@@ -25,6 +25,7 @@ from modelyo.workspace import Workspace, resolve_endpoint
 
 @click.command()
 @click.option("--ca", "ca_url", help="CA URL (default: flags, env, ./modelyo.toml, dev stack).")
+@click.option("--tdx", "tdx_url", help="TDX VM (agent) URL (default: same discovery as --ca).")
 @click.option(
     "--policy",
     "policy_file",

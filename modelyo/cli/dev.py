@@ -16,13 +16,28 @@ def dev() -> None:
 
 @dev.command()
 @click.option("--ca-port", type=int, help=f"CA port (default {stack.DEFAULT_CA_PORT} if free).")
-def up(ca_port: int | None) -> None:
-    """Start the local stack (or show it if it already runs)."""
-    info = stack.up(ca_port=ca_port)
+@click.option(
+    "--agent-port", type=int, help=f"Agent port (default {stack.DEFAULT_AGENT_PORT} if free)."
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=stack.DEFAULT_GPUS,
+    show_default=True,
+    help="SIMULATED GPUs of the agent's VM.",
+)
+def up(ca_port: int | None, agent_port: int | None, gpus: int) -> None:
+    """Start the local stack: the CA and the agent (or show it if it already runs)."""
+    info = stack.up(ca_port=ca_port, agent_port=agent_port, gpus=gpus)
     console = Console()
     console.print("[bold yellow]SIMULATED[/] local stack is up (no SGX/TDX hardware)")
     if info.ca:
-        console.print(f"  CA   {info.ca.url}   log {info.ca.log}", soft_wrap=True)
+        console.print(f"  CA     {info.ca.url}   log {info.ca.log}", soft_wrap=True)
+    if info.agent:
+        console.print(
+            f"  agent  {info.agent.url}   log {info.agent.log} (registered with the CA)",
+            soft_wrap=True,
+        )
     console.print(f"  state {info.dev_dir}")
     console.print("Next: `modelyo attest` (finds this stack without flags)")
 
@@ -50,4 +65,11 @@ def status(as_json: bool) -> None:
         console.print("nothing recorded: run `modelyo dev up`")
     for name, service in services.items():
         state = "[green]running[/]" if service["running"] else "[red]stopped[/]"
-        console.print(f"  {name}: {state} {service['url']} (pid {service['pid']})")
+        line = f"  {name}: {state} {service['url']} (pid {service['pid']})"
+        if service["running"] and "registered" in service:
+            line += (
+                ", registered with the CA"
+                if service["registered"]
+                else f", [yellow]not registered[/]: {service['detail']}"
+            )
+        console.print(line, soft_wrap=True, highlight=False)
