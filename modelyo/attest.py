@@ -329,7 +329,7 @@ def attest_tdx(
     )
 
     pinned = workspace.path(TDX_CERT)
-    if pinned.is_file() and pki.load_cert(pinned.read_bytes()) != vm_cert:
+    if pinned.is_file() and pki.load_cert(pinned.read_bytes()).public_key() != vm_cert.public_key():
         raise ConfigError(
             f"{workspace.root} holds the files of another TDX VM; run `modelyo attest` for "
             f"{url} in a new directory"
@@ -338,6 +338,7 @@ def attest_tdx(
         with agent_client.AgentClient.for_owner(workspace) as agent:
             agent.gpus()  # an owner-only call: proves the VM still knows us
         result.ownership = "already owner"
+        pki.write_cert(pinned, vm_cert)  # the VM's certificate is renewed at each registration
         chain = pki.load_certs(workspace.path(TDX_CLIENT_CERT).read_bytes())
         result.client_fingerprint = pki.fingerprint(chain[0])
         _save_config(workspace, tdx_url=url, simulated=attested.simulated, sim_dir=sim_dir)

@@ -651,12 +651,14 @@ class ContainerRuntime:
         return self.inspect(name)
 
     def stop(self, name: str, timeout: int = DEFAULT_STOP_TIMEOUT) -> ContainerInfo:
-        """Stop a running container: SIGTERM, then SIGKILL after `timeout` seconds."""
+        """Stop a running container: SIGTERM, then SIGKILL after `timeout` seconds.
+
+        Like `docker stop`, stopping a container that is not running is not an error: the
+        document's sequence is run, stop, delete, and a finished job has already stopped.
+        """
         container = self._get(name)
         if container.status not in _RUNNING:
-            raise ContainerConflictError(
-                f"container {name} is not running (it is {container.status}); nothing to stop"
-            )
+            return self.inspect(name)
         with _engine(f"stopping container {name}"):
             container.stop(timeout=timeout)
         return self.inspect(name)

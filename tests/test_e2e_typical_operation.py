@@ -120,6 +120,7 @@ def test_the_documents_typical_operation(stack, job_image, tmp_path, monkeypatch
         assert main(["docker", "stop", "my_container"]) == 0
     finally:
         assert main(["docker", "delete", "my_container"]) == 0
+    capsys.readouterr()
     assert main(["docker", "ps"]) == 0
     assert "my_container" not in capsys.readouterr().out
 

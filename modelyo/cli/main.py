@@ -29,16 +29,25 @@ def cli() -> None:
 def _register() -> None:
     # Each command group lives in its own module; they are attached here, in one place.
     from modelyo.cli.attest import attest
+    from modelyo.cli.audit import audit
+    from modelyo.cli.ca import ca
+    from modelyo.cli.crypt import decrypt, encrypt
     from modelyo.cli.dev import dev
+    from modelyo.cli.docker import docker
     from modelyo.cli.image import image
     from modelyo.cli.measure import measure
     from modelyo.cli.quote import quote
 
     cli.add_command(attest)
     cli.add_command(dev)
+    cli.add_command(docker)
     cli.add_command(quote)
     cli.add_command(image)
     cli.add_command(measure)
+    cli.add_command(audit)
+    cli.add_command(ca)
+    cli.add_command(encrypt)
+    cli.add_command(decrypt)
 
 
 _register()
@@ -47,7 +56,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI, turning Modelyo errors into a one-line message and an exit code."""
     try:
-        cli.main(args=argv, prog_name="modelyo", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of raising it.
+        code = cli.main(args=argv, prog_name="modelyo", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelyoError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         return EXIT_ERROR
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

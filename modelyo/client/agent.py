@@ -1,8 +1,8 @@
 """The tool's client for the TDX agent (see modelyo/api/agent.py for the API).
 
-Every connection is TLS 1.3 pinned to the CA root, and the server must present exactly the
-certificate the CA issued to this VM (`tdx_ca.pem`): a certificate the CA issued to another VM
-is refused, though it chains to the same root.
+Every connection is TLS 1.3 pinned to the CA root, and the server must present a certificate
+for the key of the VM we attested (`tdx_ca.pem`): a certificate the CA issued to another VM is
+refused, though it chains to the same root.
 """
 
 from __future__ import annotations
@@ -168,9 +168,12 @@ class AgentClient:
         self._client.close()
 
     def _check_server(self, response: httpx.Response) -> None:
-        if peer_certificate(response) != self._server:
+        # The chain to the CA root is checked by the TLS context; the key pins this very VM.
+        # (Its certificate is renewed when the agent restarts and registers again; its key is
+        # not.)
+        if peer_certificate(response).public_key() != self._server.public_key():
             raise AttestationError(
-                f"{self.url} presented a certificate other than the pinned {TDX_CERT}: "
+                f"{self.url} presented a key other than the VM's pinned in {TDX_CERT}: "
                 "another VM, or a machine in the middle"
             )
 

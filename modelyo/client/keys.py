@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 
 from modelyo.client.ca import CaClient
 from modelyo.client.http import ServiceError
@@ -17,19 +18,30 @@ from modelyo.errors import KeyUnavailableError
 
 
 class CaKeySource:
-    """Asks the CA for each (key id, version) once, over the client's mutual TLS."""
+    """Asks the CA for each (key id, version) once, over the client's mutual TLS.
 
-    def __init__(self, client: CaClient) -> None:
+    An exact version never changes, so it is kept; which version is *current* changes when the
+    owner rotates, so that answer is asked again after `current_ttl` seconds.
+    """
+
+    def __init__(self, client: CaClient, *, current_ttl: float = 60.0) -> None:
         self._client = client
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, int | None], ReleasedKey] = {}
+        self._cache: dict[tuple[str, int], ReleasedKey] = {}
+        self._current: dict[str, tuple[float, ReleasedKey]] = {}
+        self._ttl = current_ttl
 
     def key(self, key_id: str, version: int | None) -> ReleasedKey:
         """See `modelyo.encryption.KeySource.key`."""
         with self._lock:
-            cached = self._cache.get((key_id, version))
-            if cached is not None:
-                return cached
+            if version is None:
+                fresh = self._current.get(key_id)
+                if fresh is not None and time.monotonic() - fresh[0] < self._ttl:
+                    return fresh[1]
+            else:
+                cached = self._cache.get((key_id, version))
+                if cached is not None:
+                    return cached
             try:
                 released = self._client.release_key(key_id, version)
             except ServiceError as exc:
@@ -38,6 +50,7 @@ class CaKeySource:
                     f"{'' if version is None else f' version {version}'}: {exc}"
                 ) from None
             key = ReleasedKey(base64.b64decode(released.key), released.version)
-            self._cache[(key_id, version)] = key
             self._cache[(key_id, released.version)] = key
+            if version is None:
+                self._current[key_id] = (time.monotonic(), key)
             return key
