@@ -20,8 +20,6 @@ from typing import Any
 
 import click
 
-from modelyo.client.ca import CaClient
-from modelyo.client.keys import CaKeySource
 from modelyo.encryption import (
     KeySource,
     StaticKeySource,
@@ -81,6 +79,10 @@ def key_source(key_file: Path | None, key_id: str) -> KeySource:
         return StaticKeySource({key_id: {1: key}}, origin=f"the key file {key_file}")
     workspace = Workspace.here()
     if workspace.ca_owner:
+        # Imported here: the HTTPS client is only needed when keys come from the CA.
+        from modelyo.client.ca import CaClient
+        from modelyo.client.keys import CaKeySource
+
         return CaKeySource(CaClient.for_owner(workspace))
     raise KeyUnavailableError(
         "no key: run `modelyo attest` in this directory (keys then come from the CA with the "

@@ -9,6 +9,7 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -20,37 +21,42 @@ EXIT_ERROR = 1
 EXIT_REFUSED = 3
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each command lives in its own module, named here in one place and imported only when it
+# runs: importing them all costs ~0.4 s and ~50 MiB before `modelyo encrypt` reads a byte.
+COMMANDS = {
+    "attest": "modelyo.cli.attest:attest",
+    "audit": "modelyo.cli.audit:audit",
+    "ca": "modelyo.cli.ca:ca",
+    "decrypt": "modelyo.cli.crypt:decrypt",
+    "dev": "modelyo.cli.dev:dev",
+    "docker": "modelyo.cli.docker:docker",
+    "encrypt": "modelyo.cli.crypt:encrypt",
+    "image": "modelyo.cli.image:image",
+    "measure": "modelyo.cli.measure:measure",
+    "quote": "modelyo.cli.quote:quote",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modelyo")
 def cli() -> None:
     """Modelyo: confidential GPU computing on attested Intel TDX VMs with an SGX key service."""
-
-
-def _register() -> None:
-    # Each command group lives in its own module; they are attached here, in one place.
-    from modelyo.cli.attest import attest
-    from modelyo.cli.audit import audit
-    from modelyo.cli.ca import ca
-    from modelyo.cli.crypt import decrypt, encrypt
-    from modelyo.cli.dev import dev
-    from modelyo.cli.docker import docker
-    from modelyo.cli.image import image
-    from modelyo.cli.measure import measure
-    from modelyo.cli.quote import quote
-
-    cli.add_command(attest)
-    cli.add_command(dev)
-    cli.add_command(docker)
-    cli.add_command(quote)
-    cli.add_command(image)
-    cli.add_command(measure)
-    cli.add_command(audit)
-    cli.add_command(ca)
-    cli.add_command(encrypt)
-    cli.add_command(decrypt)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:
