@@ -144,9 +144,13 @@ def test_help_documents_exit_codes() -> None:
 
 
 def test_commands_are_registered_in_modelyo() -> None:
+    import click
+
     from modelyo.cli.main import cli
 
-    assert {"encrypt", "decrypt"} <= set(cli.commands)
+    with click.Context(cli) as ctx:
+        assert {"encrypt", "decrypt"} <= set(cli.list_commands(ctx))
+        assert cli.get_command(ctx, "encrypt").name == "encrypt"
 
 
 def test_stdin_to_stdout_streaming(tmp_path: Path, key_file: Path) -> None:
