@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -29,6 +31,47 @@ from modelyo.measure import measure
 from modelyo.workspace import Workspace
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "dcap"
+
+# The document's typical job: take an encrypted file from untrusted storage (/data/in), decrypt
+# it through /modelyo/dec_in -> dec_out, process it, encrypt the result through
+# /modelyo/enc_in -> enc_out, and put it back (/data/out).
+JOB_SCRIPT = """\
+from pathlib import Path
+
+from modelyo import incontainer
+
+plain = incontainer.decrypt("/data/in/numbers.csv")
+numbers = [int(x) for x in plain.read_text().split()]
+total = Path("/tmp/sum.txt")
+total.write_text(f"sum={sum(numbers)} count={len(numbers)}\\n")
+encrypted = incontainer.encrypt(total)
+Path("/data/out").mkdir(parents=True, exist_ok=True)
+Path("/data/out/sum.txt").write_bytes(encrypted.read_bytes())
+print("job done: result encrypted", flush=True)
+"""
+
+
+def build_job_image(client: Any, tag: str, workdir: Path) -> Path:
+    """`docker build` the job FROM the base image and `docker save` it; return the tarball.
+
+    The local image is removed again, so the VM's engine gets it only through the upload.
+    """
+    from modelyo.images.base import DEFAULT_TAG
+
+    context = workdir / "image"
+    context.mkdir(parents=True)
+    (context / "job.py").write_text(JOB_SCRIPT)
+    (context / "Dockerfile").write_text(
+        f"FROM {DEFAULT_TAG}\nCOPY job.py /job.py\nRUN mkdir -p /data/in /data/out\n"
+        'CMD ["python", "/job.py"]\n'
+    )
+    image, _ = client.images.build(path=str(context), tag=tag, network_mode="none", rm=True)
+    tarball = workdir / "my_image.tar"
+    with tarball.open("wb") as out:
+        for chunk in image.save(named=True):
+            out.write(chunk)
+    client.images.remove(tag)
+    return tarball
 
 
 class Demo:
@@ -76,12 +119,12 @@ def run(demo: Demo, tmp: Path) -> None:
     demo.step("What the CA must be: measure its code (the value a policy pins)")
     demo.command("measure", "ca")
 
-    demo.step("Start the local stack: the CA on the SIMULATED platform")
+    demo.step("Start the local stack: the CA and the TDX agent on the SIMULATED platform")
     demo.command("dev", "up", "--ca-port", "0")
     stack = dev.read_stack()
     assert stack is not None and stack.ca is not None
 
-    demo.step("Step 1 of attestation: verify the CA's quote, take ownership, store the files")
+    demo.step("Attestation: the CA (step 1), then the TDX VM and its GPU (step 2); ownership")
     demo.command("attest")
     files = sorted(p.name for p in project.iterdir())
     key_mode = oct((project / "ca_client.key").stat().st_mode & 0o777)
@@ -127,6 +170,37 @@ def run(demo: Demo, tmp: Path) -> None:
     demo.console.print(f"released key 'default' version {released.version} (32 bytes, not shown)")
     demo.command("ca", "rotate")
     demo.command("audit", "verify")
+
+    demo.step("Encrypt a folder for untrusted storage (keys from the CA)")
+    (project / "my_plain").mkdir()
+    (project / "my_plain" / "numbers.csv").write_text("1\n2\n3\n4\n")
+    demo.command("encrypt", "my_plain/", "my_encrypted/")
+    storage = tmp / "untrusted-storage"
+    (storage / "in").mkdir(parents=True)
+    shutil.copy(project / "my_encrypted" / "numbers.csv", storage / "in" / "numbers.csv")
+    demo.expect(
+        "no plaintext in storage", b"1\n2" not in (storage / "in" / "numbers.csv").read_bytes()
+    )
+
+    demo.step("A job in the attested VM: docker build/save here, load, create, run, wait")
+    import docker
+
+    tarball = build_job_image(docker.from_env(), "my_image:latest", tmp)
+    demo.command("docker", "load", "-f", str(tarball))
+    demo.command("docker", "create", "-i", "my_image:latest", "-n", "my_container")
+    demo.command("docker", "cp", str(storage / "in" / "numbers.csv"), "my_container:/data/in/")
+    demo.command("docker", "run", "my_container")
+    demo.command("docker", "wait", "--timeout", "120", "my_container")
+    demo.command("docker", "logs", "my_container")
+    (storage / "out").mkdir()
+    demo.command("docker", "cp", "my_container:/data/out/sum.txt", str(storage / "out"))
+    demo.command("docker", "stop", "my_container")
+    demo.command("docker", "delete", "my_container")
+
+    demo.step("Decrypt the result locally")
+    demo.command("decrypt", str(storage / "out"), "my_result/")
+    result = (project / "my_result" / "sum.txt").read_text()
+    demo.expect("the job's result", result == "sum=10 count=4\n", result.strip())
 
     demo.step("Real Intel quotes (../shared/vectors/dcap) through the same verifier")
     if VECTORS.is_dir():
@@ -182,6 +256,15 @@ def _show_base_image(demo: Demo) -> None:
     )
 
 
+def _remove_image(tag: str) -> None:
+    try:
+        import docker
+
+        docker.from_env().images.remove(tag, force=True)
+    except Exception:  # noqa: S110 - best-effort cleanup of the demo's own image
+        pass
+
+
 def main() -> int:
     console = Console()
     console.print("[bold yellow]Modelyo demo on the SIMULATED platform (no SGX/TDX here)[/]")
@@ -193,6 +276,7 @@ def main() -> int:
         finally:
             dev.down()
             os.chdir(cwd)
+            _remove_image("my_image:latest")
     console.print(Rule())
     console.print("[bold green]demo complete[/]" if demo.ok else "[bold red]demo FAILED[/]")
     return 0 if demo.ok else 1

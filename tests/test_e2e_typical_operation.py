@@ -11,53 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import textwrap
 
 import docker
 import pytest
 
 from modelyo.cli.main import EXIT_REFUSED, main
-from modelyo.images.base import DEFAULT_TAG
+from modelyo.demo import build_job_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-JOB = textwrap.dedent(
-    """
-    # The job: untrusted storage is /data (copied in and out by the owner's tool).
-    from pathlib import Path
-
-    from modelyo import incontainer
-
-    plain = incontainer.decrypt("/data/in/numbers.csv")          # dec_in -> dec_out (tmpfs)
-    numbers = [int(x) for x in plain.read_text().split()]
-    total = Path("/tmp/sum.txt")                                  # the container's own tmpfs
-    total.write_text(f"sum={sum(numbers)} count={len(numbers)}\\n")
-    encrypted = incontainer.encrypt(total)                        # enc_in -> enc_out
-    Path("/data/out").mkdir(parents=True, exist_ok=True)
-    Path("/data/out/sum.txt").write_bytes(encrypted.read_bytes())
-    print("job done: result encrypted", flush=True)
-    """
-)
 
 
 @pytest.fixture
 def job_image(docker_client, tmp_path):
-    """`docker build` and `docker save` the job image; the local copy is removed again, so the
-    agent's engine gets it only through `modelyo docker load`."""
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "job.py").write_text(JOB)
-    (context / "Dockerfile").write_text(
-        f"FROM {DEFAULT_TAG}\nCOPY job.py /job.py\nRUN mkdir -p /data/in /data/out\n"
-        'CMD ["python", "/job.py"]\n'
-    )
+    """The demo's job image, built and saved here; only the tarball is left locally."""
     tag = "modelyo-e2e-job:1"
-    image, _ = docker_client.images.build(path=str(context), tag=tag, network_mode="none", rm=True)
-    tarball = tmp_path / "my_image.tar"
-    with tarball.open("wb") as out:
-        for chunk in image.save(named=True):
-            out.write(chunk)
-    docker_client.images.remove(tag)
+    tarball = build_job_image(docker_client, tag, tmp_path)
     yield tag, tarball
     with contextlib.suppress(docker.errors.ImageNotFound):  # never loaded, or deleted
         docker_client.images.remove(tag, force=True)
