@@ -120,7 +120,7 @@ def run(demo: Demo, tmp: Path) -> None:
     demo.command("measure", "ca")
 
     demo.step("Start the local stack: the CA and the TDX agent on the SIMULATED platform")
-    demo.command("dev", "up", "--ca-port", "0")
+    demo.command("dev", "up", "--ca-port", "0", "--agent-port", "0")
     stack = dev.read_stack()
     assert stack is not None and stack.ca is not None
 
