@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from modelyo import gpu, pki
 from modelyo.api.agent import GpuReport
 from modelyo.attestation import binding
-from modelyo.attestation.policy import SgxPolicy, TdxPolicy, load_policy, parse_policy
+from modelyo.attestation.policy import Policy, SgxPolicy, TdxPolicy, load_policy, parse_policy
 from modelyo.attestation.verify import TrustRoot, Verdict
 from modelyo.client import agent as agent_client
 from modelyo.client import ca as ca_client
@@ -76,6 +76,44 @@ class CaOnboarding:
         }
 
 
+# Per party: the policy section, its pinned registers, and the component `modelyo measure`
+# names. One function serves both steps.
+_EXPECTED = {
+    "ca": ("allowed_mrenclave", "ca", "--mrenclave HEX (from the CA's signed build)", "CA"),
+    "tdx": ("allowed_mrtd", "agent", "--mrtd HEX", "TDX VM"),
+}
+
+
+def expected_policy(
+    section: str, *, policy_file: Path | None, pins: dict[str, tuple[str, ...]], simulation: bool
+) -> tuple[Any, str]:
+    """The policy section ("ca" or "tdx") to apply, and where its expected values came from.
+
+    Flags (`pins`: policy field -> values) override the file. With nothing pinned, hardware is
+    refused; on the simulated platform the component measures its own code, which this
+    installation shares, so `modelyo measure` here gives the expected value.
+    """
+    main_field, component, flag, what = _EXPECTED[section]
+    base = load_policy(policy_file) if policy_file else Policy()
+    values = getattr(base, section).model_dump()
+    source = str(policy_file) if policy_file else "defaults"
+    for field_name, given in pins.items():
+        if given:
+            values[field_name] = list(given)
+            source = "--" + field_name.removeprefix("allowed_")
+    policy = getattr(parse_policy({section: values}), section)
+    if not policy.pins_anything():
+        if not simulation:
+            raise ConfigError(
+                f"no expected {what} measurement: pass {flag} or --policy FILE with "
+                f"[{section}] {main_field}; refusing to trust an unpinned {what}"
+            )
+        values[main_field] = [measure(component).hex]
+        policy = getattr(parse_policy({section: values}), section)
+        source = f"`modelyo measure {component}` of this installation (SIMULATED)"
+    return policy, source
+
+
 def expected_ca_policy(
     *,
     policy_file: Path | None,
@@ -83,31 +121,9 @@ def expected_ca_policy(
     mrsigner: tuple[str, ...] = (),
     simulation: bool,
 ) -> tuple[SgxPolicy, str]:
-    """The CA policy to apply, and a phrase saying where its expected values came from."""
-    policy = load_policy(policy_file).ca if policy_file else SgxPolicy()
-    source = str(policy_file) if policy_file else "defaults"
-    update: dict[str, Any] = {}
-    if mrenclave:
-        update["allowed_mrenclave"] = list(mrenclave)
-        source = "--mrenclave"
-    if mrsigner:
-        update["allowed_mrsigner"] = list(mrsigner)
-        source = "--mrsigner" if not mrenclave else source
-    if update:
-        policy = parse_policy({"ca": {**policy.model_dump(), **update}}).ca
-    if not policy.pins_anything():
-        if not simulation:
-            raise ConfigError(
-                "no expected CA measurement: pass --mrenclave HEX (from the CA's signed build) "
-                "or --policy FILE with [ca] allowed_mrenclave; refusing to trust an unpinned CA"
-            )
-        # On the simulated platform the CA measures its own code; this installation has the
-        # same code, so `modelyo measure ca` here is the expected value.
-        policy = parse_policy(
-            {"ca": {**policy.model_dump(), "allowed_mrenclave": [measure("ca").hex]}}
-        ).ca
-        source = "`modelyo measure ca` of this installation (SIMULATED)"
-    return policy, source
+    """The CA's expected measurements (step 1)."""
+    pins = {"allowed_mrenclave": mrenclave, "allowed_mrsigner": mrsigner}
+    return expected_policy("ca", policy_file=policy_file, pins=pins, simulation=simulation)
 
 
 def attest_ca(
@@ -258,23 +274,9 @@ class TdxOnboarding:
 def expected_tdx_policy(
     *, policy_file: Path | None, mrtd: tuple[str, ...] = (), simulation: bool
 ) -> tuple[TdxPolicy, str]:
-    """The TDX VM policy to apply, and where its expected values came from."""
-    policy = load_policy(policy_file).tdx if policy_file else TdxPolicy()
-    source = str(policy_file) if policy_file else "defaults"
-    if mrtd:
-        policy = parse_policy({"tdx": {**policy.model_dump(), "allowed_mrtd": list(mrtd)}}).tdx
-        source = "--mrtd"
-    if not policy.pins_anything():
-        if not simulation:
-            raise ConfigError(
-                "no expected TDX VM measurement: pass --mrtd HEX or --policy FILE with [tdx] "
-                "allowed_mrtd; refusing to trust an unpinned VM"
-            )
-        policy = parse_policy(
-            {"tdx": {**policy.model_dump(), "allowed_mrtd": [measure("agent").hex]}}
-        ).tdx
-        source = "`modelyo measure agent` of this installation (SIMULATED)"
-    return policy, source
+    """The TDX VM's expected measurements (step 2)."""
+    pins = {"allowed_mrtd": mrtd}
+    return expected_policy("tdx", policy_file=policy_file, pins=pins, simulation=simulation)
 
 
 def attest_tdx(

@@ -24,10 +24,10 @@ from modelyo.attestation import binding, ratls
 from modelyo.attestation.collateral import Collateral
 from modelyo.attestation.policy import TdxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.client import http
 from modelyo.client.http import TIMEOUT, parse_response, raise_for_error
 from modelyo.client.tls import (
     describe_tls_error,
-    first_contact_context,
     peer_certificate,
     pinned_context,
 )
@@ -58,14 +58,8 @@ class AttestedAgent:
 
 
 def fetch_attestation(url: str, nonce: bytes) -> tuple[api.AgentAttestation, x509.Certificate]:
-    """Ask the agent for a quote answering `nonce`; return it with the certificate TLS showed."""
-    try:
-        with httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client:
-            response = client.get(url + api.ATTESTATION, params={"nonce": nonce.hex()})
-            presented = peer_certificate(response)
-    except httpx.HTTPError as exc:
-        raise ModelyoError(describe_tls_error(exc, url)) from None
-    return parse_response(api.AgentAttestation, response, url), presented
+    """Ask for a quote answering `nonce`; return it with the certificate TLS presented."""
+    return http.fetch_attestation(url, api.ATTESTATION, nonce, api.AgentAttestation)
 
 
 def check_attestation(

@@ -18,6 +18,7 @@ from modelyo.attestation import binding, ratls
 from modelyo.attestation.collateral import Collateral
 from modelyo.attestation.policy import SgxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.client import http
 from modelyo.client.http import (
     TIMEOUT,
     M,
@@ -26,7 +27,6 @@ from modelyo.client.http import (
 from modelyo.client.tls import (
     describe_tls_error,
     first_contact_context,
-    peer_certificate,
     pinned_context,
 )
 from modelyo.errors import AttestationError, ConfigError, ModelyoError
@@ -45,14 +45,8 @@ class AttestedCa:
 
 
 def fetch_attestation(url: str, nonce: bytes) -> tuple[api.AttestationResponse, x509.Certificate]:
-    """Ask for a quote over first-contact TLS; return it with the certificate TLS presented."""
-    try:
-        with httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client:
-            response = client.get(url + api.ATTESTATION, params={"nonce": nonce.hex()})
-            presented = peer_certificate(response)
-    except httpx.HTTPError as exc:
-        raise ModelyoError(describe_tls_error(exc, url)) from None
-    return parse_response(api.AttestationResponse, response, url), presented
+    """Ask for a quote answering `nonce`; return it with the certificate TLS presented."""
+    return http.fetch_attestation(url, api.ATTESTATION, nonce, api.AttestationResponse)
 
 
 def check_attestation(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import httpx
+from cryptography import x509
 from pydantic import BaseModel, ValidationError
 
 from modelyo.api.ca import ErrorBody
@@ -45,3 +46,19 @@ def parse_response(model: type[M], response: httpx.Response, url: str) -> M:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
         raise ModelyoError(f"{url} sent a malformed {model.__name__}: {exc}") from None
+
+
+def fetch_attestation(
+    url: str, path: str, nonce: bytes, model: type[M]
+) -> tuple[M, x509.Certificate]:
+    """Ask a service for a quote answering `nonce` over first-contact TLS; return the answer
+    with the certificate that very TLS connection presented (which the quote must bind)."""
+    from modelyo.client.tls import describe_tls_error, first_contact_context, peer_certificate
+
+    try:
+        with httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client:
+            response = client.get(url + path, params={"nonce": nonce.hex()})
+            presented = peer_certificate(response)
+    except httpx.HTTPError as exc:
+        raise ModelyoError(describe_tls_error(exc, url)) from None
+    return parse_response(model, response, url), presented
