@@ -36,8 +36,19 @@ TEMPLATE = HERE / "modelyo-ca.manifest.template"
 CA_ENCLAVE_PRESENT = (REPO / "ca_enclave" / "__init__.py").is_file()
 
 # The CA's interpreter: this one (a venv's bin/python), and the real binary behind it.
-CA_PYTHON = sys.executable
-ENTRYPOINT = os.path.realpath(CA_PYTHON)
+# The template refuses code under /tmp (the enclave mounts a tmpfs there). When this checkout
+# itself lives under /tmp (a CI clone may), the tests name the same directories through
+# /proc/self/root, an alias of "/" that does not start with /tmp: same files, other spelling.
+_ALIAS = "/proc/self/root" if str(REPO).startswith("/tmp/") else ""
+
+
+def _alias(path: str | os.PathLike[str]) -> str:
+    text = os.fspath(path)
+    return _ALIAS + text if _ALIAS and text.startswith("/tmp/") else text
+
+
+CA_PYTHON = _alias(sys.executable)
+ENTRYPOINT = _alias(os.path.realpath(sys.executable))
 # Stand-ins: where a Debian/Ubuntu Gramine package puts these.
 GRAMINE_PKGLIBDIR = Path("/usr/lib/x86_64-linux-gnu/gramine")
 # graminelibos.gen_jinja_env.python_get_sys_path runs exactly this in the interpreter.
@@ -82,7 +93,9 @@ def python_libs(binary: str) -> str:
         return ""
     out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
     fields = [line.split() for line in out.splitlines()]
-    return " ".join(f[2] for f in fields if len(f) > 2 and f[1] == "=>" and f[2].startswith("/"))
+    return " ".join(
+        _alias(f[2]) for f in fields if len(f) > 2 and f[1] == "=>" and f[2].startswith("/")
+    )
 
 
 class Runtimedir:
@@ -105,7 +118,7 @@ def make_gramine_env(extra_sys_path: list[Path] | None = None) -> jinja2.Environ
             [os.fspath(interpreter), "-c", PRINT_SYS_PATH], env=_clean_env()
         )
         for raw in out.split(b"\0"):
-            path = pathlib.Path(os.fsdecode(raw))
+            path = pathlib.Path(_alias(os.fsdecode(raw)))
             if include_nonexisting or path.exists():
                 yield path
         yield from extra_sys_path or []
@@ -188,7 +201,7 @@ def package_dirs(names: list[str]) -> dict[str, str | None]:
         "print(json.dumps(out))\n"
     )
     out = subprocess.check_output([CA_PYTHON, "-c", code, *names], env=_clean_env())
-    return json.loads(out)
+    return {name: _alias(found) if found else None for name, found in json.loads(out).items()}
 
 
 def ca_args(manifest: dict[str, Any]) -> list[str]:
