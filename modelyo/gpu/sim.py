@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from modelyo import der
 from modelyo.errors import GpuEvidenceError, PlatformError
 from modelyo.files import atomic_write_bytes, atomic_write_text
 from modelyo.gpu.reference import ComponentKind, DeviceRoot, ReferenceMeasurements, RimComponent
@@ -105,38 +106,15 @@ def default_state_dir() -> Path:
 # --- pure helpers: names, DER, measurements ---------------------------------------------------
 
 
-def _der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        length = bytes([size])
-    else:
-        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def _oid(dotted: str) -> bytes:
-    arcs = [int(part) for part in dotted.split(".")]
-    body = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body.extend(reversed(chunk))
-    return _der(0x06, bytes(body))
-
-
 def dice_tcb_info_der(fwid: bytes, *, vendor: str = ORGANIZATION, model: str = "GH100") -> bytes:
     """TcbInfo ::= SEQUENCE { vendor [0], model [1], fwids [6] SEQUENCE OF FWID } (implicit
     tags), one SHA-384 FWID, so its last 48 bytes are the FWID as NVIDIA's verifier reads it."""
     if len(fwid) != 48:
         raise ValueError("a SHA-384 FWID is 48 bytes")
-    fwid_entry = _der(0x30, _oid(SHA384_OID) + _der(0x04, fwid))
-    return _der(
+    fwid_entry = der.tlv(0x30, der.oid(SHA384_OID) + der.tlv(0x04, fwid))
+    return der.tlv(
         0x30,
-        _der(0x80, vendor.encode()) + _der(0x81, model.encode()) + _der(0xA6, fwid_entry),
+        der.tlv(0x80, vendor.encode()) + der.tlv(0x81, model.encode()) + der.tlv(0xA6, fwid_entry),
     )
 
 

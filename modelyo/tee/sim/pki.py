@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from modelyo import der
+
 SIMULATED = True
 
 ORGANIZATION = "Modelyo SIMULATED platform (not Intel)"
@@ -43,43 +45,8 @@ SGX_TYPE_STANDARD = 0
 SGX_TYPE_SCALABLE = 1
 
 
-# --- a tiny DER writer: only what the SGX extension needs ----------------------------------
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        length = bytes([size])
-    else:
-        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def _oid(dotted: str) -> bytes:
-    arcs = [int(part) for part in dotted.split(".")]
-    body = bytearray([40 * arcs[0] + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body.extend(reversed(chunk))
-    return _der(0x06, bytes(body))
-
-
-def _unsigned(value: int) -> bytes:
-    # Minimal two's complement of a non-negative value: 255 is 00 FF, as in Intel's certificates.
-    return value.to_bytes(value.bit_length() // 8 + 1, "big")
-
-
-def _seq(*items: bytes) -> bytes:
-    return _der(0x30, b"".join(items))
-
-
 def _entry(oid: str, value: bytes) -> bytes:
-    return _seq(_oid(oid), value)
+    return der.sequence(der.oid(oid), value)
 
 
 def sgx_extension_der(
@@ -104,31 +71,34 @@ def sgx_extension_der(
     if len(ppid) != 16 or len(cpu_svn) != 16 or len(pce_id) != 2 or len(fmspc) != 6:
         raise ValueError("PPID and CPUSVN are 16 bytes, PCE-ID 2 and FMSPC 6")
     base = SGX_EXTENSION_OID
-    tcb = [_entry(f"{base}.2.{i + 1}", _der(0x02, _unsigned(svn))) for i, svn in enumerate(cpu_svn)]
-    tcb.append(_entry(f"{base}.2.17", _der(0x02, _unsigned(pce_svn))))
-    tcb.append(_entry(f"{base}.2.18", _der(0x04, cpu_svn)))
+    tcb = [
+        _entry(f"{base}.2.{i + 1}", der.tlv(0x02, der.unsigned(svn)))
+        for i, svn in enumerate(cpu_svn)
+    ]
+    tcb.append(_entry(f"{base}.2.17", der.tlv(0x02, der.unsigned(pce_svn))))
+    tcb.append(_entry(f"{base}.2.18", der.tlv(0x04, cpu_svn)))
     entries = [
-        _entry(f"{base}.1", _der(0x04, ppid)),
-        _entry(f"{base}.2", _seq(*tcb)),
-        _entry(f"{base}.3", _der(0x04, pce_id)),
-        _entry(f"{base}.4", _der(0x04, fmspc)),
-        _entry(f"{base}.5", _der(0x0A, _unsigned(sgx_type))),
+        _entry(f"{base}.1", der.tlv(0x04, ppid)),
+        _entry(f"{base}.2", der.sequence(*tcb)),
+        _entry(f"{base}.3", der.tlv(0x04, pce_id)),
+        _entry(f"{base}.4", der.tlv(0x04, fmspc)),
+        _entry(f"{base}.5", der.tlv(0x0A, der.unsigned(sgx_type))),
     ]
     if platform_instance_id is not None:
         if len(platform_instance_id) != 16:
             raise ValueError("the platform instance id is 16 bytes")
 
         def flag(index: int, value: bool) -> bytes:
-            return _entry(f"{base}.7.{index}", _der(0x01, b"\xff" if value else b"\x00"))
+            return _entry(f"{base}.7.{index}", der.tlv(0x01, b"\xff" if value else b"\x00"))
 
-        entries.append(_entry(f"{base}.6", _der(0x04, platform_instance_id)))
+        entries.append(_entry(f"{base}.6", der.tlv(0x04, platform_instance_id)))
         entries.append(
             _entry(
                 f"{base}.7",
-                _seq(flag(1, dynamic_platform), flag(2, cached_keys), flag(3, smt_enabled)),
+                der.sequence(flag(1, dynamic_platform), flag(2, cached_keys), flag(3, smt_enabled)),
             )
         )
-    return _seq(*entries)
+    return der.sequence(*entries)
 
 
 # --- certificates and CRLs ----------------------------------------------------------------
