@@ -7,7 +7,6 @@ refused, though it chains to the same root.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,7 @@ from pydantic import BaseModel
 
 from modelyo import pki
 from modelyo.api import agent as api
-from modelyo.attestation import binding, ratls
-from modelyo.attestation.collateral import Collateral
+from modelyo.attestation import binding
 from modelyo.attestation.policy import TdxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
 from modelyo.client import http
@@ -89,23 +87,19 @@ def check_attestation(
         pki.verify_chain(presented, [], ca_root, role=pki.Role.VM_SERVER)
     except pki.CertificateError as exc:
         raise AttestationError(f"{url}: {exc}") from None
-    try:
-        quote = base64.b64decode(body.quote, validate=True)
-    except ValueError:
-        raise AttestationError(f"{url} sent a quote that is not base64") from None
-    verdict = ratls.verify_challenge(
-        quote,
-        nonce,
-        presented,
-        Collateral.from_json(body.collateral),
-        root=trust,
+    verdict = http.verify_attestation_answer(
+        url,
+        quote_b64=body.quote,
+        collateral_json=body.collateral,
+        simulated=body.simulated,
+        presented=presented,
+        nonce=nonce,
+        trust=trust,
         policy=policy,
         policy_name="tdx",
+        what="TDX VM",
         now=now,
     )
-    if body.simulated and not trust.simulated:
-        verdict.add("platform", False, "the agent runs on the SIMULATED platform")
-    verdict.raise_for_refusal("TDX VM attestation")
     return AttestedAgent(url, verdict, presented, body.vm_id, body.gpus, verdict.simulated)
 
 

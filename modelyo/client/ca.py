@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +13,7 @@ from pydantic import BaseModel
 
 from modelyo import pki
 from modelyo.api import ca as api
-from modelyo.attestation import binding, ratls
-from modelyo.attestation.collateral import Collateral
+from modelyo.attestation import binding
 from modelyo.attestation.policy import SgxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
 from modelyo.client import http
@@ -79,23 +77,19 @@ def check_attestation(
             raise pki.CertificateError("the last certificate is not a self-signed CA root")
     except pki.CertificateError as exc:
         raise AttestationError(f"{url}: {exc}") from None
-    try:
-        quote = base64.b64decode(body.quote, validate=True)
-    except ValueError:
-        raise AttestationError(f"{url} sent a quote that is not base64") from None
-    verdict = ratls.verify_challenge(
-        quote,
-        nonce,
-        presented,
-        Collateral.from_json(body.collateral),
-        root=trust,
+    verdict = http.verify_attestation_answer(
+        url,
+        quote_b64=body.quote,
+        collateral_json=body.collateral,
+        simulated=body.simulated,
+        presented=presented,
+        nonce=nonce,
+        trust=trust,
         policy=policy,
         policy_name="ca",
+        what="CA",
         now=now,
     )
-    if body.simulated and not trust.simulated:
-        verdict.add("platform", False, "the CA runs on the SIMULATED platform")
-    verdict.raise_for_refusal("CA attestation")
     return AttestedCa(url, verdict, root, tls_cert, simulated=verdict.simulated)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import TypeVar
 
 import httpx
@@ -9,7 +10,9 @@ from cryptography import x509
 from pydantic import BaseModel, ValidationError
 
 from modelyo.api.ca import ErrorBody
-from modelyo.errors import ModelyoError
+from modelyo.attestation.policy import SgxPolicy, TdxPolicy
+from modelyo.attestation.verify import TrustRoot, Verdict
+from modelyo.errors import AttestationError, ModelyoError
 
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 M = TypeVar("M", bound=BaseModel)
@@ -62,3 +65,42 @@ def fetch_attestation(
     except httpx.HTTPError as exc:
         raise ModelyoError(describe_tls_error(exc, url)) from None
     return parse_response(model, response, url), presented
+
+
+def verify_attestation_answer(
+    url: str,
+    *,
+    quote_b64: str,
+    collateral_json: str,
+    simulated: bool,
+    presented: x509.Certificate,
+    nonce: bytes,
+    trust: TrustRoot,
+    policy: SgxPolicy | TdxPolicy,
+    policy_name: str,
+    what: str,
+    now: int | None = None,
+) -> Verdict:
+    """Verify a service's fresh quote: it must bind the key TLS `presented` and our `nonce`,
+    satisfy `policy` under `trust`, and come from hardware unless we chose to trust the
+    simulation. Raises `AttestationError` naming `what` was refused."""
+    from modelyo.attestation import ratls
+    from modelyo.attestation.collateral import Collateral
+
+    try:
+        quote = base64.b64decode(quote_b64, validate=True)
+    except ValueError:
+        raise AttestationError(f"{url} sent a quote that is not base64") from None
+    verdict = ratls.verify_challenge(
+        quote,
+        nonce,
+        presented,
+        Collateral.from_json(collateral_json),
+        root=trust,
+        policy=policy,
+        policy_name=policy_name,
+        now=now,
+    )
+    if simulated and not trust.simulated:
+        verdict.add("platform", False, f"the {what} runs on the SIMULATED platform")
+    return verdict.raise_for_refusal(f"{what} attestation")
