@@ -22,13 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from modelyo.attestation.binding import new_nonce
-from tests.helpers.ca_process import _read_ready_line, https_client
+from tests.helpers.ca_process import ServiceProcess, _read_ready_line, https_client
 
 READY = re.compile(
     r"^modelyo-agent listening on (?P<url>https://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)) "
@@ -41,30 +41,13 @@ class AgentStartError(RuntimeError):
     """The agent exited, stayed silent, or never registered."""
 
 
-@dataclass
-class AgentProcess:
+@dataclass(kw_only=True)
+class AgentProcess(ServiceProcess):
     """A running `modelyo-agent` started by `start_agent`."""
 
-    process: subprocess.Popen[bytes]
-    url: str
-    port: int
     mrtd: str
     mrconfigid: str
-    state_dir: Path
     crypt_root: Path
-    log_path: Path
-    ready_line: str
-    args: list[str] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def attestation_response(self) -> httpx.Response:
         """GET /v1/attestation with a fresh nonce over unauthenticated TLS."""
@@ -97,24 +80,10 @@ class AgentProcess:
         raise AgentStartError(f"{text!r} never appeared in the agent's log:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Send `sig` and wait for the exit code (SIGKILL if it outlives `timeout`)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        """Stop the agent, then remove its /modelyo folders root."""
+        code = super().stop(sig, timeout)
         shutil.rmtree(self.crypt_root, ignore_errors=True)
-        return int(self.process.returncode)
-
-    def __enter__(self) -> AgentProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return code
 
 
 def agent_command() -> list[str]:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 from cryptography import x509
@@ -41,17 +42,14 @@ class CaStartError(RuntimeError):
     """The CA process exited or stayed silent instead of printing its ready line."""
 
 
-@dataclass
-class CaProcess:
-    """A running `modelyo-ca` started by `start_ca`."""
+@dataclass(kw_only=True)
+class ServiceProcess:
+    """A running Modelyo service (the CA or an agent) started by a test."""
 
     process: subprocess.Popen[bytes]
     url: str
     port: int
-    mrenclave: str
-    root_fingerprint: str
     state_dir: Path
-    sim_dir: Path
     log_path: Path
     ready_line: str
     args: list[str] = field(default_factory=list)
@@ -83,11 +81,20 @@ class CaProcess:
         """SIGKILL: no shutdown at all, like a crash or a power cut for the process."""
         return self.stop(signal.SIGKILL)
 
-    def __enter__(self) -> CaProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(kw_only=True)
+class CaProcess(ServiceProcess):
+    """A running `modelyo-ca` started by `start_ca`."""
+
+    mrenclave: str
+    root_fingerprint: str
+    sim_dir: Path
 
 
 def ca_command() -> list[str]:
