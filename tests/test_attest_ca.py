@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import ssl
 import stat
 import threading
@@ -381,14 +380,19 @@ def test_released_keys_survive_a_restart_and_rotation_keeps_old_versions(stack, 
 
 
 class _MitmProxy:
-    """Terminates TLS with its own certificate and relays bytes to the real CA."""
+    """Terminates TLS with its own certificate and relays each request to the real CA, the
+    way a machine in the middle would (an HTTP relay: one TLS object per thread, no sharing)."""
 
     def __init__(self, upstream: str) -> None:
-        host, port = upstream.removeprefix("https://").split(":")
-        self.upstream = (host, int(port))
+        self.upstream = upstream
 
     def __enter__(self) -> str:
+        import http.server
         import tempfile
+
+        import httpx
+
+        from modelyo.client.tls import first_contact_context
 
         key = pki.new_key()
         root_key, root = pki.create_root("mitm")
@@ -404,54 +408,31 @@ class _MitmProxy:
         d = Path(self._dir.name)
         pki.write_cert(d / "c.pem", cert)
         pki.write_private_key(d / "c.key", key)
-        self._server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._server_ctx.load_cert_chain(d / "c.pem", d / "c.key")
-        self._client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self._client_ctx.check_hostname = False
-        self._client_ctx.verify_mode = ssl.CERT_NONE
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
-        return f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(d / "c.pem", d / "c.key")
+        upstream = self.upstream
 
-    def _serve(self) -> None:
-        self._listener.settimeout(0.2)
-        while not self._stop:
-            try:
-                raw, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(raw,), daemon=True).start()
+        class Relay(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with httpx.Client(verify=first_contact_context(), timeout=30) as client:
+                    answer = client.get(upstream + self.path)
+                self.send_response(answer.status_code)
+                self.send_header("content-type", answer.headers.get("content-type", ""))
+                self.send_header("content-length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
 
-    def _relay(self, raw: socket.socket) -> None:
-        try:
-            down = self._server_ctx.wrap_socket(raw, server_side=True)
-            up = self._client_ctx.wrap_socket(socket.create_connection(self.upstream))
-        except (OSError, ssl.SSLError):
-            raw.close()
-            return
-
-        def pipe(src: ssl.SSLSocket, dst: ssl.SSLSocket) -> None:
-            try:
-                while chunk := src.recv(65536):
-                    dst.sendall(chunk)
-            except OSError:
+            def log_message(self, *args: object) -> None:
                 pass
-            finally:
-                for s in (src, dst):
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
 
-        threading.Thread(target=pipe, args=(up, down), daemon=True).start()
-        pipe(down, up)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"https://127.0.0.1:{self._server.server_address[1]}"
 
     def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._listener.close()
+        self._server.shutdown()
+        self._server.server_close()
         self._dir.cleanup()
 
 

@@ -123,6 +123,8 @@ class AgentClient:
             base_url=self.url,
             verify=pinned_context(ca_root_pem, client_cert=client_cert, client_key=client_key),
             timeout=timeout,
+            # Runs when the headers arrive, before the body: the connection is still open.
+            event_hooks={"response": [self._check_server]},
         )
 
     @classmethod
@@ -188,7 +190,6 @@ class AgentClient:
             )
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        self._check_server(response)
         return parse_response(model, response, self.url)
 
     def _stream(
@@ -196,7 +197,6 @@ class AgentClient:
     ) -> Iterator[bytes]:
         try:
             with self._client.stream(method, path, params=params, timeout=None) as response:
-                self._check_server(response)
                 if not response.is_success:
                     response.read()
                     raise_for_error(response, self.url)
@@ -227,7 +227,6 @@ class AgentClient:
             )
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        self._check_server(response)
         return parse_response(api.LoadResult, response, self.url)
 
     def images(self) -> api.ImageList:
@@ -253,7 +252,6 @@ class AgentClient:
             response = self._client.delete(api.CONTAINER.format(name=name))
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        self._check_server(response)
         raise_for_error(response, self.url)
 
     def wait(self, name: str, timeout: float | None = None) -> api.WaitResult:
@@ -266,7 +264,6 @@ class AgentClient:
             )
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        self._check_server(response)
         return parse_response(api.WaitResult, response, self.url)
 
     def logs(self, name: str, *, follow: bool = False) -> Iterator[bytes]:
@@ -287,7 +284,6 @@ class AgentClient:
             )
         except httpx.HTTPError as exc:
             raise self._error(exc) from None
-        self._check_server(response)
         raise_for_error(response, self.url)
 
 

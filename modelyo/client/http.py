@@ -59,9 +59,14 @@ def fetch_attestation(
     from modelyo.client.tls import describe_tls_error, first_contact_context, peer_certificate
 
     try:
-        with httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client:
-            response = client.get(url + path, params={"nonce": nonce.hex()})
+        with (
+            httpx.Client(verify=first_contact_context(), timeout=TIMEOUT) as client,
+            client.stream("GET", url + path, params={"nonce": nonce.hex()}) as response,
+        ):
+            # Read the certificate while the connection is surely open: a server may close it
+            # as soon as the body is sent.
             presented = peer_certificate(response)
+            response.read()
     except httpx.HTTPError as exc:
         raise ModelyoError(describe_tls_error(exc, url)) from None
     return parse_response(model, response, url), presented
