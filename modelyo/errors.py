@@ -148,3 +148,36 @@ class CryptFolderError(EncryptionError):
     def __init__(self, message: str, *, path: str | None = None, timed_out: bool = False) -> None:
         super().__init__(message, path=path)
         self.timed_out = timed_out
+
+
+class NotAttestedError(ModelyoError):
+    """An operation needs an attested, owned CA and TDX VM, and this workspace has not attested
+    them yet (or lacks some of the six files `modelyo attest` writes)."""
+
+
+class CodecError(ModelyoError, ValueError):
+    """A value cannot travel to or from a job in a safe, typed format (Parquet/Arrow for
+    DataFrames, JSON for scalars, lists and dicts), or its bytes do not decode as the named
+    codec. Pickle is used only when the caller opted in."""
+
+
+class JobError(ModelyoError):
+    """A remote job (`%%modelyo_run`, `modelyo.jobs`) failed outside the user's code: the
+    container could not be created or run, the result is missing, or it did not decrypt."""
+
+
+class RemoteExecutionError(JobError):
+    """The user's code raised inside the attested VM. `ename`, `evalue` and `remote_traceback`
+    (formatted lines) come from the remote side, decrypted from the job's result."""
+
+    def __init__(
+        self, message: str, *, ename: str, evalue: str, remote_traceback: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.ename = ename
+        self.evalue = evalue
+        self.remote_traceback = remote_traceback
+
+
+class JobTimeoutError(JobError, TimeoutError):
+    """A job ran longer than its timeout; its container was stopped and removed."""

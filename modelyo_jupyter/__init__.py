@@ -1,0 +1,1 @@
+"""Modelyo in Jupyter (filled in by issue 6)."""
