@@ -1,0 +1,351 @@
+"""DataFrames in Modelyo's encrypted-file format, and the `.modelyo` pandas accessor.
+
+    import modelyo_jupyter.dataframes                       # registers df.modelyo / s.modelyo
+    df.modelyo.encrypt("sales.parquet.enc")                  # key id "default", the workspace's CA
+    df2 = read_encrypted("sales.parquet.enc")                # key id and version from the header
+    df.modelyo.to_parquet_encrypted("sales.parquet")         # Parquet Modular Encryption instead
+
+The frame is written as Parquet by `modelyo.jobs.codec` (dtypes, missing values and the index
+intact) and streamed straight into the encrypted-file format (docs/encrypted-file-format.md):
+the plaintext Parquet only ever exists in memory, a segment or so at a time, and the output file
+appears complete or not at all. Reading decrypts into memory and parses only once every segment
+authenticated, so a damaged file yields an error and never part of a frame.
+
+Keys come from the CA of the workspace `modelyo attest` set up in the current directory, unless
+a `keys` source (e.g. `modelyo.encryption.StaticKeySource`) is passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from modelyo.client.ca import CaClient
+from modelyo.client.keys import CaKeySource
+from modelyo.encryption import KeySource, ReleasedKey, check_key_id, decrypt_stream, encrypt_stream
+from modelyo.encryption.files import atomic_output
+from modelyo.errors import CodecError, NotAttestedError
+from modelyo.jobs.codec import read_value, write_dataframe, write_value
+from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Workspace
+
+__all__ = [
+    "ModelyoFrameAccessor",
+    "ModelyoSeriesAccessor",
+    "default_key_source",
+    "read_encrypted",
+    "write_encrypted",
+]
+
+ATTEST_HINT = "run `%modelyo attest` (or `modelyo attest`) first"
+_FILE_MODE = 0o600
+_PIPE_CHUNK = 1 << 20  # Parquet output is coalesced into chunks of this size for the encrypter
+_PIPE_DEPTH = 8  # chunks in flight: bounds memory at a few MiB whatever the frame's size
+
+
+# --- The workspace's key source -------------------------------------------------------------
+
+_sources_lock = threading.Lock()
+_sources: dict[Path, tuple[tuple[object, ...], CaKeySource]] = {}
+
+
+def default_key_source(workspace: Workspace | None = None) -> KeySource:
+    """The CA key source of `workspace` (default: the current directory), one per workspace.
+
+    Kept for the life of the process (so released keys are asked for once) and made anew when
+    `modelyo attest` rewrites the workspace's files. After `modelyo ca rotate`, new files use
+    the new version once the source's cached answer for "current" expires (60 s); exact
+    versions never change, so old files always read. NotAttestedError when there is none.
+    """
+    ws = Workspace((workspace or Workspace.here()).root.resolve())
+    missing = [n for n in (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY) if not ws.path(n).is_file()]
+    if missing:
+        raise NotAttestedError(
+            f"{ws.root} is not an attested Modelyo workspace ({', '.join(missing)} missing): "
+            f"{ATTEST_HINT}, or pass keys=..."
+        )
+    url = ws.config().ca_url
+    if not url:
+        raise NotAttestedError(f"{ws.config_path} names no CA (ca_url): {ATTEST_HINT}")
+    stamp = (url, *(_file_stamp(ws.path(n)) for n in (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY)))
+    with _sources_lock:
+        cached = _sources.get(ws.root)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        # A replaced entry's client is left to the garbage collector: another thread may still
+        # be using it.
+        source = CaKeySource(CaClient.for_owner(ws))
+        _sources[ws.root] = (stamp, source)
+        return source
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _OneKey:
+    """A KeySource holding the one key already fetched, so the encrypter thread asks no CA."""
+
+    def __init__(self, key_id: str, released: ReleasedKey) -> None:
+        self._key_id = key_id
+        self._released = released
+
+    def key(self, key_id: str, version: int | None) -> ReleasedKey:
+        if key_id != self._key_id or version not in (None, self._released.version):
+            raise AssertionError("the encrypter asked for a key it was not given")  # a bug
+        return self._released
+
+
+# --- An in-process pipe: Parquet writer -> encrypter ------------------------------------------
+
+_EOF = object()
+_ABORT = object()
+
+
+class _Pipe:
+    """A bounded queue of byte chunks between the Parquet writer and the encrypting thread.
+
+    No file descriptors: either side can be stopped (`abort`) without the close-while-reading
+    races an OS pipe has, and nothing waits forever when the other side failed.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=_PIPE_DEPTH)
+        self._aborted = threading.Event()
+        self._pending = memoryview(b"")
+        self._eof = False
+        self.stopped_by = ""  # the side that called `abort` first
+        self._lock = threading.Lock()
+
+    # writer side
+    def put(self, chunk: object) -> None:
+        while True:
+            if self._aborted.is_set():
+                raise BrokenPipeError("the encrypter stopped")
+            try:
+                self._queue.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # reader side
+    def readinto(self, view: memoryview) -> int:
+        while not self._pending:
+            if self._eof:
+                return 0
+            if self._aborted.is_set():
+                raise BrokenPipeError("the DataFrame writer stopped")
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _EOF:
+                self._eof = True
+                return 0
+            if item is _ABORT:
+                raise BrokenPipeError("the DataFrame writer stopped")
+            self._pending = memoryview(item)  # type: ignore[arg-type]
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def abort(self, side: str) -> None:
+        """Stop both sides: a blocked writer or reader raises BrokenPipeError."""
+        with self._lock:
+            self.stopped_by = self.stopped_by or side
+        self._aborted.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_ABORT)
+
+
+class _PipeWriter(io.RawIOBase):
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)  # the caller may reuse its buffer as soon as we return
+        self._pipe.put(chunk)
+        return len(chunk)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._pipe.put(_EOF)
+        super().close()
+
+
+class _PipeReader(io.RawIOBase):
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view: Any) -> int:
+        return self._pipe.readinto(memoryview(view).cast("B"))
+
+
+# --- Writing and reading --------------------------------------------------------------------
+
+
+def write_encrypted(
+    value: pd.DataFrame | pd.Series,
+    path: str | os.PathLike[str],
+    key_id: str = "default",
+    *,
+    keys: KeySource | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a DataFrame (or Series) as Parquet inside a Modelyo encrypted file; return its path.
+
+    Encrypted under the current version of `key_id`; the header records the key id and version
+    so `read_encrypted` needs neither. An existing `path` is replaced only with `force`. The
+    file (mode 0600) appears complete or not at all, and no plaintext ever reaches the disk.
+    """
+    if not isinstance(value, pd.DataFrame | pd.Series):
+        raise TypeError(f"write_encrypted takes a DataFrame or a Series, not {type(value)}")
+    check_key_id(key_id)
+    with atomic_output(path, force=force, fsync=True, mode=_FILE_MODE) as fd:
+        source = keys if keys is not None else default_key_source()
+        # Asked here, not in the encrypter thread, so a missing key fails plainly and first.
+        fixed = _OneKey(key_id, source.key(key_id, None))
+        with os.fdopen(fd, "wb", closefd=False) as out:
+            _stream_encrypted(value, out, fixed, key_id)
+    return Path(path)
+
+
+def _stream_encrypted(
+    value: pd.DataFrame | pd.Series, out: io.BufferedWriter, keys: KeySource, key_id: str
+) -> None:
+    """Encode `value` as Parquet on this thread while another thread encrypts it into `out`."""
+    pipe = _Pipe()
+    failed: list[BaseException] = []
+
+    def encrypt() -> None:
+        try:
+            encrypt_stream(_PipeReader(pipe), out, keys, key_id)  # type: ignore[arg-type]
+        except BaseException as exc:
+            failed.append(exc)
+            pipe.abort("encrypter")
+
+    thread = threading.Thread(target=encrypt, name="modelyo-encrypt-frame", daemon=True)
+    thread.start()
+    sink = io.BufferedWriter(_PipeWriter(pipe), buffer_size=_PIPE_CHUNK)
+    try:
+        if isinstance(value, pd.DataFrame):
+            write_dataframe(value, sink)  # type: ignore[arg-type]
+        else:
+            write_value(value, sink)  # type: ignore[arg-type]
+        sink.close()  # flushes, then marks the end of the stream
+        thread.join()
+    except BaseException:  # Ctrl-C included: stop the encrypter before the output is discarded
+        pipe.abort("writer")
+        with contextlib.suppress(OSError, ValueError):
+            sink.close()
+        thread.join()
+        if failed and pipe.stopped_by == "encrypter":
+            # The encrypter's failure is the cause; the writer only saw the pipe break.
+            raise failed[0] from None
+        raise
+    if failed:
+        raise failed[0]
+
+
+def read_encrypted(
+    path: str | os.PathLike[str], *, keys: KeySource | None = None
+) -> pd.DataFrame | pd.Series:
+    """Decrypt a file `write_encrypted` (or `df.modelyo.encrypt`) wrote and return the frame.
+
+    A Series comes back as a Series. The key id and version come from the file's header.
+    WrongKeyError when the key does not match, TamperError when the file was altered or
+    truncated; both name the file, and no part of the data is returned.
+    """
+    label = os.fsdecode(path)
+    source = keys if keys is not None else default_key_source()
+    plaintext = io.BytesIO()
+    with open(path, "rb") as encrypted:
+        decrypt_stream(encrypted, plaintext, source, label=label)
+    # Parsed only now that every segment authenticated.
+    try:
+        # A zero-copy view: pyarrow may keep referring to it, so it is not released here.
+        return read_value(plaintext.getbuffer(), "parquet")  # type: ignore[arg-type, return-value]
+    except CodecError as exc:
+        raise CodecError(
+            f"{label} decrypted, but it does not hold a DataFrame ({exc}); decrypt it with "
+            "`modelyo decrypt` to see what it is"
+        ) from None
+
+
+# --- pandas accessors -----------------------------------------------------------------------
+
+
+@pd.api.extensions.register_dataframe_accessor("modelyo")
+class ModelyoFrameAccessor:
+    """`df.modelyo`: encrypt this frame with Modelyo keys."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self._frame = frame
+
+    def encrypt(
+        self,
+        path: str | os.PathLike[str],
+        key_id: str = "default",
+        *,
+        keys: KeySource | None = None,
+        force: bool = False,
+    ) -> Path:
+        """Write this frame to `path` in Modelyo's encrypted format (see `write_encrypted`)."""
+        return write_encrypted(self._frame, path, key_id, keys=keys, force=force)
+
+    def to_parquet_encrypted(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        footer_key: str = "default",
+        column_keys: dict[str, list[str]] | None = None,
+        keys: KeySource | None = None,
+        plaintext_footer: bool = False,
+        force: bool = False,
+    ) -> Path:
+        """Write this frame as Parquet Modular Encryption with the CA as the KMS (see
+        `modelyo_jupyter.parquet_kms.write_encrypted_parquet`)."""
+        from modelyo_jupyter.parquet_kms import write_encrypted_parquet
+
+        return write_encrypted_parquet(
+            self._frame,
+            path,
+            footer_key=footer_key,
+            column_keys=column_keys,
+            keys=keys,
+            plaintext_footer=plaintext_footer,
+            force=force,
+        )
+
+
+@pd.api.extensions.register_series_accessor("modelyo")
+class ModelyoSeriesAccessor:
+    """`series.modelyo`: encrypt this Series with Modelyo keys."""
+
+    def __init__(self, series: pd.Series) -> None:
+        self._series = series
+
+    def encrypt(
+        self,
+        path: str | os.PathLike[str],
+        key_id: str = "default",
+        *,
+        keys: KeySource | None = None,
+        force: bool = False,
+    ) -> Path:
+        """Write this Series to `path` in Modelyo's encrypted format (see `write_encrypted`)."""
+        return write_encrypted(self._series, path, key_id, keys=keys, force=force)
