@@ -1,0 +1,232 @@
+"""Jobs end to end: a real local stack (CA + agent, SIMULATED), this machine's Docker engine
+and the job base image; attest in a temporary directory, then `run_job` through a session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from modelyo import dev
+from modelyo.cli.main import main
+from modelyo.client.ca import CaClient
+from modelyo.errors import JobError, JobTimeoutError, NotAttestedError, RemoteExecutionError
+from modelyo.images import base
+from modelyo.jobs import DEFAULT_IMAGE, JobSpec, open_session
+from modelyo.workspace import Workspace
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Recorder:
+    """JobEvents that remember everything, in order."""
+
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+        self.chunks: list[tuple[str, str]] = []
+
+    def phase(self, phase: str, detail: str = "") -> None:
+        self.phases.append(phase)
+
+    def output(self, stream: str, text: str) -> None:
+        self.chunks.append((stream, text))
+
+    @property
+    def text(self) -> str:
+        return "".join(text for _, text in self.chunks)
+
+
+@pytest.fixture(scope="module")
+def job_image(docker_client) -> str:
+    """The base image, rebuilt if `modelyo/` changed since (the runner lives in it)."""
+    try:
+        image = docker_client.images.get(DEFAULT_IMAGE)
+        current = image.labels.get(base.LABEL_SOURCE) == base.source_digest(REPO)
+    except Exception:
+        current = False
+    if not current:
+        base.build_base(console=Console(file=io.StringIO()))
+    return DEFAULT_IMAGE
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, job_image):
+    """One local stack for the module, attested from a temporary directory (the cwd)."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    directory = tmp / "dev"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MODELYO_DEV_DIR", str(directory))
+        for var in ("MODELYO_CA_URL", "MODELYO_TDX_URL", "MODELYO_SIM_DIR"):
+            patch.delenv(var, raising=False)
+        patch.setenv("XDG_CONFIG_HOME", str(tmp / "xdg"))
+        dev.up(directory, ca_port=0)
+        try:
+            project = tmp / "project"
+            project.mkdir()
+            patch.chdir(project)
+            assert main(["attest"]) == 0
+            yield project
+        finally:
+            dev.down(directory)
+
+
+@pytest.fixture
+def session(home):
+    with open_session() as opened:
+        yield opened
+    # Every job's container is gone afterwards, whatever happened.
+    with open_session() as check:
+        assert [c.name for c in check.agent.containers().containers] == []
+
+
+def frame() -> pd.DataFrame:
+    data = pd.DataFrame(
+        {
+            "i": np.arange(5, dtype="int64"),
+            "f": [0.5, np.nan, 2.5, 3.5, 4.5],
+            "obj": pd.Series(["a", None, "c", "d", "e"], dtype=object),
+            "s": ["v", "w", None, "y", "z"],
+            "I": pd.array([1, None, 3, 4, 5], dtype="Int64"),
+            "b": pd.array([True, None, False, True, False], dtype="boolean"),
+            "S": pd.array(["p", None, "q", "r", "s"], dtype="string"),
+            "tz": pd.date_range("2024-01-01", periods=5, tz="America/New_York"),
+            "naive": pd.to_datetime(["2024-01-01", None, "2024-01-03", "2024-01-04", "2025-01-01"]),
+            "cat": pd.Categorical(["lo", "hi", None, "lo", "hi"], categories=["lo", "hi"]),
+        }
+    )
+    data.index = pd.MultiIndex.from_arrays(
+        [["x", "x", "y", "y", "z"], [1, 2, 1, 2, 1]], names=["site", "visit"]
+    )
+    return data
+
+
+def test_a_mixed_type_dataframe_goes_in_and_comes_back(session):
+    df = frame()
+    events = Recorder()
+    code = (
+        "print('rows', len(df))\n"
+        "same = df\n"
+        "doubled = df.assign(i=df.i * 2, I=df.I * 2)\n"
+        "kinds = {c: str(t) for c, t in df.dtypes.items()}\n"
+    )
+    result = session.run(
+        JobSpec(code, inputs={"df": df}, outputs=["same", "doubled", "kinds"]), events
+    )
+    same, doubled = result.outputs["same"], result.outputs["doubled"]
+    pd.testing.assert_frame_equal(df, same, check_exact=True)
+    assert list(same.dtypes) == list(df.dtypes)
+    assert list(same.index.dtypes) == list(df.index.dtypes)
+    pd.testing.assert_frame_equal(doubled, df.assign(i=df.i * 2, I=df.I * 2), check_exact=True)
+    # The remote side saw the same dtypes.
+    assert result.outputs["kinds"] == {c: str(t) for c, t in df.dtypes.items()}
+    assert events.phases == ["packaging", "uploading", "starting", "running", "collecting", "done"]
+    assert "rows 5" in events.text
+    assert result.exit_code == 0 and result.container.startswith("modelyo-job-")
+
+
+def test_scalars_lists_and_dicts(session):
+    spec = JobSpec(
+        "total = n + sum(v for v in items if isinstance(v, int))\n"
+        "conf['seen'] = True\n"
+        "names = [str(v) for v in items]\n"
+        "nothing = None\n",
+        inputs={"n": np.int64(40), "items": [1, 1, "a", None], "conf": {"rate": 0.25}},
+        outputs=["total", "conf", "names", "nothing"],
+    )
+    outputs = session.run(spec).outputs
+    assert outputs == {
+        "total": 42,
+        "conf": {"rate": 0.25, "seen": True},
+        "names": ["1", "1", "a", "None"],
+        "nothing": None,
+    }
+    assert type(outputs["total"]) is int
+
+
+def test_a_remote_exception_comes_back_with_its_traceback(session):
+    code = "x = 1\ndef ratio(v):\n    return v / (v - 1)\nresult = ratio(x)\n"
+    events = Recorder()
+    with pytest.raises(RemoteExecutionError) as caught:
+        session.run(JobSpec(code, outputs=["result"]), events)
+    error = caught.value
+    assert error.ename == "ZeroDivisionError"
+    assert error.evalue == "division by zero"
+    text = "".join(error.remote_traceback)
+    assert "return v / (v - 1)" in text and "result = ratio(x)" in text
+    assert 'File "<cell>", line 3, in ratio' in text
+    assert "runner.py" not in text  # the runner's own frames are trimmed
+    assert "return v / (v - 1)" in str(error) and "ZeroDivisionError" in str(error)
+    assert events.phases[-1] == "failed"
+
+
+def test_a_timeout_stops_and_removes_the_container(session):
+    events = Recorder()
+    spec = JobSpec(
+        "import time\nprint('started', flush=True)\ntime.sleep(120)\n",
+        timeout=4,
+        name="modelyo-job-timeout-test",
+    )
+    with pytest.raises(JobTimeoutError, match=r"longer than its timeout of 4 s"):
+        session.run(spec, events)
+    names = [c.name for c in session.agent.containers().containers]
+    assert "modelyo-job-timeout-test" not in names
+    assert events.phases[-1] == "timed out"
+    assert "started" in events.text
+
+
+def test_output_streams_in_order(session):
+    events = Recorder()
+    code = (
+        "import sys, time\n"
+        "for n in range(40):\n"
+        "    print(f'line {n}')\n"
+        "    if n % 10 == 0:\n"
+        "        time.sleep(0.05)\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "print('é and 字')\n"
+    )
+    session.run(JobSpec(code), events)
+    lines = events.text.splitlines()
+    # stderr arrives too, but Docker keeps the two streams in separate pipes: no order between
+    # them is promised, only within each.
+    assert "to stderr" in lines
+    assert [line for line in lines if line != "to stderr"] == [
+        *(f"line {n}" for n in range(40)),
+        "é and 字",
+    ]
+    assert len(events.chunks) >= 2  # it arrived in pieces, as written, not at the end
+
+
+def test_a_missing_output_is_reported_by_name(session):
+    with pytest.raises(JobError, match=r"did not define 'nope'; assign each output name"):
+        session.run(JobSpec("yes = 1\n", outputs=["yes", "nope"]))
+
+
+def test_open_session_before_attestation_is_refused(tmp_path):
+    with pytest.raises(NotAttestedError, match=r"run `%modelyo attest` \(or `modelyo attest`\)"):
+        open_session(Workspace(tmp_path))
+
+
+def test_a_key_id_the_vm_may_not_use_is_refused(session, home):
+    """The owner restricts the VM to key id "default" in the CA's policy; a job under another
+    key id is refused: the CA releases that key to the owner, but not to the VM."""
+    with CaClient.for_owner(Workspace(home)) as ca:
+        before = ca.policy()
+        restricted = before.model_copy(
+            update={"vms": [r.model_copy(update={"key_ids": ["default"]}) for r in before.vms]}
+        )
+        ca.set_policy(restricted)
+        try:
+            with pytest.raises(JobError, match=r"'restricted'") as caught:
+                session.run(JobSpec("x = 1\n", outputs=["x"], key_id="restricted"))
+            assert "without a result" in str(caught.value)
+            # The default key still works for this VM.
+            assert session.run(JobSpec("x = 1\n", outputs=["x"])).outputs == {"x": 1}
+        finally:
+            ca.set_policy(before)
