@@ -390,3 +390,102 @@ def verify_gpu_evidence(
         problems = "; ".join(f"GPU {g.index}: {', '.join(g.problems)}" for g in failed)
         raise AttestationError(f"TDX VM attestation refused: GPU evidence: {problems}")
     return checked
+
+
+# --- both steps, as `modelyo attest` and `%modelyo attest` run them ----------------------------
+
+
+@dataclass(frozen=True)
+class AttestOptions:
+    """The options of `modelyo attest` (and `%modelyo attest`)."""
+
+    ca_url: str | None = None
+    tdx_url: str | None = None
+    policy_file: Path | None = None
+    mrenclave: tuple[str, ...] = ()
+    mrsigner: tuple[str, ...] = ()
+    mrtd: tuple[str, ...] = ()
+    simulation: bool = False
+    sim_dir: Path | None = None
+    at: int | None = None
+    directory: Path = Path(".")
+
+
+@dataclass
+class AttestOutcome:
+    """Both steps' results; `tdx` is None when no VM endpoint was found (step 2 skipped)."""
+
+    workspace: Workspace
+    ca: CaOnboarding
+    tdx: TdxOnboarding | None
+    simulated: bool
+
+
+def attest_workspace(
+    options: AttestOptions, *, on_ca: Callable[[CaOnboarding], None] | None = None
+) -> AttestOutcome:
+    """Step 1 (the CA), then step 2 (the TDX VM) when a VM endpoint is found, with the
+    tool's endpoint discovery and trust choice. `on_ca` sees step 1's result before step 2
+    starts (the CLI prints it then)."""
+    from modelyo import dev
+    from modelyo.workspace import resolve_endpoint
+
+    workspace = Workspace(options.directory.resolve())
+    stack = dev.read_stack()
+    running = dev.running_endpoints()
+    endpoint = resolve_endpoint("ca", options.ca_url, workspace, dev_stack=running)
+    if endpoint is None:
+        raise ConfigError(
+            "no CA endpoint: pass --ca URL, set MODELYO_CA_URL, write ca_url in ./modelyo.toml, "
+            "or start the local stack with `modelyo dev up`"
+        )
+    config = workspace.config()
+    from_stack = endpoint.source.startswith("the local stack")
+    # Trusting the simulation root is always the user's explicit choice: the flag, a config
+    # that recorded it, or starting the simulated stack with `modelyo dev up`.
+    simulated = options.simulation or config.simulation or from_stack
+    trust = TrustRoot.intel()
+    sim_dir = options.sim_dir
+    if simulated:
+        if sim_dir is None and config.sim_dir:
+            sim_dir = Path(config.sim_dir)
+        if sim_dir is None and stack is not None:
+            sim_dir = Path(stack.sim_dir)
+        if sim_dir is None and os.environ.get("MODELYO_SIM_DIR"):
+            sim_dir = Path(os.environ["MODELYO_SIM_DIR"])
+        trust = TrustRoot.simulation(sim_dir)
+    policy_path = options.policy_file or (Path(config.policy) if config.policy else None)
+    policy, expected_from = expected_ca_policy(
+        policy_file=policy_path,
+        mrenclave=options.mrenclave,
+        mrsigner=options.mrsigner,
+        simulation=simulated,
+    )
+    ca = attest_ca(
+        workspace,
+        endpoint,
+        trust=trust,
+        policy=policy,
+        expected_from=expected_from,
+        sim_dir=sim_dir,
+        now=options.at,
+    )
+    if on_ca is not None:
+        on_ca(ca)
+    tdx = None
+    tdx_endpoint = resolve_endpoint("tdx", options.tdx_url, workspace, dev_stack=running)
+    if tdx_endpoint is not None:
+        tdx_policy, tdx_expected = expected_tdx_policy(
+            policy_file=policy_path, mrtd=options.mrtd, simulation=simulated
+        )
+        tdx = attest_tdx(
+            workspace,
+            tdx_endpoint,
+            trust=trust,
+            policy=tdx_policy,
+            expected_from=tdx_expected,
+            sim_dir=sim_dir,
+            now=options.at,
+        )
+    simulated = ca.verdict.simulated or bool(tdx and tdx.verdict.simulated)
+    return AttestOutcome(workspace, ca, tdx, simulated)

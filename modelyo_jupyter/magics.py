@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import keyword
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -66,7 +64,7 @@ from modelyo_jupyter.widgets import (
 
 if TYPE_CHECKING:
     from modelyo.api.agent import ContainerInfo, GpuReport
-    from modelyo.attest import CaOnboarding, TdxOnboarding
+    from modelyo.attest import AttestOutcome
     from modelyo.jobs import JobSession
 
 ATTEST_HINT = "run `%modelyo attest` (or `modelyo attest` in this directory) first"
@@ -120,101 +118,6 @@ def shown_as_cell_error() -> Iterator[None]:
 
 
 # --- %modelyo attest ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttestOptions:
-    """The options of `modelyo attest`, as `%modelyo attest` takes them."""
-
-    ca_url: str | None = None
-    tdx_url: str | None = None
-    policy_file: Path | None = None
-    mrenclave: tuple[str, ...] = ()
-    mrsigner: tuple[str, ...] = ()
-    mrtd: tuple[str, ...] = ()
-    simulation: bool = False
-    sim_dir: Path | None = None
-    at: int | None = None
-    directory: Path = Path(".")
-
-
-@dataclass
-class AttestOutcome:
-    workspace: Workspace
-    ca: CaOnboarding
-    tdx: TdxOnboarding | None
-    simulated: bool
-
-
-def attest_workspace(options: AttestOptions) -> AttestOutcome:
-    """Both steps of `modelyo attest`, with its endpoint discovery and trust choice.
-
-    The same order and functions as `modelyo.cli.attest.attest` (which keeps this logic in the
-    click command): attest_ca, then attest_tdx when a VM endpoint is found.
-    """
-    from modelyo import dev
-    from modelyo.attest import attest_ca, attest_tdx, expected_ca_policy, expected_tdx_policy
-    from modelyo.attestation.verify import TrustRoot
-    from modelyo.errors import ConfigError
-    from modelyo.workspace import resolve_endpoint
-
-    workspace = Workspace(options.directory.resolve())
-    stack = dev.read_stack()
-    running = dev.running_endpoints()
-    endpoint = resolve_endpoint("ca", options.ca_url, workspace, dev_stack=running)
-    if endpoint is None:
-        raise ConfigError(
-            "no CA endpoint: pass --ca URL, set MODELYO_CA_URL, write ca_url in ./modelyo.toml, "
-            "or start the local stack with `modelyo dev up`"
-        )
-    config = workspace.config()
-    from_stack = endpoint.source.startswith("the local stack")
-    # Trusting the simulation root is the user's explicit choice: the flag, a config that
-    # recorded it, or starting the simulated stack with `modelyo dev up` (as the CLI decides).
-    simulated = options.simulation or config.simulation or from_stack
-    trust = TrustRoot.intel()
-    sim_dir = options.sim_dir
-    if simulated:
-        chosen = sim_dir or (Path(config.sim_dir) if config.sim_dir else None)
-        if chosen is None and stack is not None:
-            chosen = Path(stack.sim_dir)
-        if chosen is None and os.environ.get("MODELYO_SIM_DIR"):
-            chosen = Path(os.environ["MODELYO_SIM_DIR"])
-        sim_dir = chosen
-        trust = TrustRoot.simulation(sim_dir)
-    policy_path = options.policy_file or (Path(config.policy) if config.policy else None)
-    policy, expected_from = expected_ca_policy(
-        policy_file=policy_path,
-        mrenclave=options.mrenclave,
-        mrsigner=options.mrsigner,
-        simulation=simulated,
-    )
-    ca = attest_ca(
-        workspace,
-        endpoint,
-        trust=trust,
-        policy=policy,
-        expected_from=expected_from,
-        sim_dir=sim_dir,
-        now=options.at,
-    )
-    tdx = None
-    tdx_endpoint = resolve_endpoint("tdx", options.tdx_url, workspace, dev_stack=running)
-    if tdx_endpoint is not None:
-        tdx_policy, tdx_expected = expected_tdx_policy(
-            policy_file=policy_path, mrtd=options.mrtd, simulation=simulated
-        )
-        tdx = attest_tdx(
-            workspace,
-            tdx_endpoint,
-            trust=trust,
-            policy=tdx_policy,
-            expected_from=tdx_expected,
-            sim_dir=sim_dir,
-            now=options.at,
-        )
-    simulated = ca.verdict.simulated or bool(tdx and tdx.verdict.simulated)
-    return AttestOutcome(workspace, ca, tdx, simulated)
 
 
 def _cert_info(workspace: Workspace, name: str) -> tuple[str, str] | None:
@@ -617,6 +520,8 @@ class ModelyoMagics(Magics):
             print(full_help())
 
     def _attest(self, args: Any) -> None:
+        from modelyo.attest import AttestOptions, attest_workspace
+
         options = AttestOptions(
             ca_url=args.ca_url,
             tdx_url=args.tdx_url,

@@ -20,7 +20,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from modelyo import pki
 from modelyo.api.agent import GpuEvidence, GpuReport
-from modelyo.attest import CaOnboarding, TdxOnboarding
+from modelyo.attest import AttestOutcome, CaOnboarding, TdxOnboarding
 from modelyo.errors import (
     ConfigError,
     JobError,
@@ -444,7 +444,7 @@ def _outcome(workspace: Workspace, *, simulated: bool = True, tdx: bool = True) 
         ownership="already owner",
         expected_from="defaults",
     )
-    return magics.AttestOutcome(workspace, ca, vm if tdx else None, simulated)
+    return AttestOutcome(workspace, ca, vm if tdx else None, simulated)
 
 
 def test_the_attestation_card_holds_what_a_user_checks(tmp_path):

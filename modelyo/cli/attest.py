@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from modelyo import dev
-from modelyo.attest import (
-    CaOnboarding,
-    TdxOnboarding,
-    attest_ca,
-    attest_tdx,
-    expected_ca_policy,
-    expected_tdx_policy,
-)
-from modelyo.attestation.verify import TrustRoot
+from modelyo.attest import AttestOptions, CaOnboarding, TdxOnboarding, attest_workspace
 from modelyo.cli.render import SIMULATED_BANNER, print_json
-from modelyo.errors import ConfigError
-from modelyo.workspace import Workspace, resolve_endpoint
 
 
 @click.command()
@@ -72,66 +61,26 @@ def attest(
     Stores ca.pem, ca_client.pem, ca_client.key (step 1) and tdx_ca.pem, tdx_client.pem,
     tdx_client.key (step 2) in the directory, keys with mode 0600.
     """
-    workspace = Workspace(directory.resolve())
-    stack = dev.read_stack()
-    running = dev.running_endpoints()
-    endpoint = resolve_endpoint("ca", ca_url, workspace, dev_stack=running)
-    if endpoint is None:
-        raise ConfigError(
-            "no CA endpoint: pass --ca URL, set MODELYO_CA_URL, write ca_url in ./modelyo.toml, "
-            "or start the local stack with `modelyo dev up`"
-        )
-    config = workspace.config()
-    from_stack = endpoint.source.startswith("the local stack")
-    # Trusting the simulation root is always the user's explicit choice: the flag, a config
-    # that recorded it, or starting the simulated stack with `modelyo dev up`.
-    simulated = simulation or config.simulation or from_stack
-    trust = TrustRoot.intel()
-    if simulated:
-        chosen = sim_dir or (Path(config.sim_dir) if config.sim_dir else None)
-        if chosen is None and stack is not None:
-            chosen = Path(stack.sim_dir)
-        if chosen is None and os.environ.get("MODELYO_SIM_DIR"):
-            chosen = Path(os.environ["MODELYO_SIM_DIR"])
-        sim_dir = chosen
-        trust = TrustRoot.simulation(sim_dir)
-    policy_path = policy_file or (Path(config.policy) if config.policy else None)
-    policy, expected_from = expected_ca_policy(
-        policy_file=policy_path, mrenclave=mrenclave, mrsigner=mrsigner, simulation=simulated
-    )
-    result = attest_ca(
-        workspace,
-        endpoint,
-        trust=trust,
-        policy=policy,
-        expected_from=expected_from,
-        sim_dir=sim_dir,
-        now=at,
-    )
     console = Console()
-    if not as_json:
-        render_onboarding(console, result)
-    tdx_endpoint = resolve_endpoint("tdx", tdx_url, workspace, dev_stack=running)
-    tdx_result = None
-    if tdx_endpoint is not None:
-        tdx_policy, tdx_expected = expected_tdx_policy(
-            policy_file=policy_path, mrtd=mrtd, simulation=simulated
-        )
-        tdx_result = attest_tdx(
-            workspace,
-            tdx_endpoint,
-            trust=trust,
-            policy=tdx_policy,
-            expected_from=tdx_expected,
-            sim_dir=sim_dir,
-            now=at,
-        )
+    options = AttestOptions(
+        ca_url=ca_url,
+        tdx_url=tdx_url,
+        policy_file=policy_file,
+        mrenclave=mrenclave,
+        mrsigner=mrsigner,
+        mrtd=mrtd,
+        simulation=simulation,
+        sim_dir=sim_dir,
+        at=at,
+        directory=directory,
+    )
+    on_ca = None if as_json else partial(render_onboarding, console)
+    outcome = attest_workspace(options, on_ca=on_ca)
     if as_json:
-        print_json(
-            console, {"ca": result.to_dict(), "tdx": tdx_result.to_dict() if tdx_result else None}
-        )
-    elif tdx_result is not None:
-        render_tdx(console, tdx_result)
+        tdx = outcome.tdx.to_dict() if outcome.tdx else None
+        print_json(console, {"ca": outcome.ca.to_dict(), "tdx": tdx})
+    elif outcome.tdx is not None:
+        render_tdx(console, outcome.tdx)
     else:
         console.print(
             "[yellow]TDX VM: no endpoint configured[/] (pass --tdx URL, set MODELYO_TDX_URL, "
