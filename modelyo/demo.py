@@ -202,6 +202,9 @@ def run(demo: Demo, tmp: Path) -> None:
     result = (project / "my_result" / "sum.txt").read_text()
     demo.expect("the job's result", result == "sum=10 count=4\n", result.strip())
 
+    demo.step("Jupyter: the quickstart notebook, run by papermill, its output stored encrypted")
+    _run_quickstart(demo, project)
+
     demo.step("Real Intel quotes (../shared/vectors/dcap) through the same verifier")
     if VECTORS.is_dir():
         raw = (VECTORS / "tdx_quote").read_bytes()
@@ -218,6 +221,83 @@ def run(demo: Demo, tmp: Path) -> None:
 
     demo.step("Stop the local stack (its state is kept)")
     demo.command("dev", "down")
+
+
+def notebooks_dir() -> Path:
+    """The repository's notebooks/ folder, beside the modelyo package's source."""
+    return Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _cell_lines(cell: Any, limit: int = 5) -> list[str]:
+    """The lines a reader looks at in a cell's outputs: streams, plain-text results, errors."""
+    lines: list[str] = []
+    for output in cell.get("outputs", []):
+        kind = output.get("output_type")
+        if kind == "stream":
+            lines += output["text"].splitlines()
+        elif kind in ("execute_result", "display_data"):
+            text = output.get("data", {}).get("text/plain", "")
+            lines += ("".join(text) if isinstance(text, list) else text).splitlines()
+        elif kind == "error":
+            lines.append(f"{output['ename']}: {output['evalue']}")
+    # Rules and banners' borders say nothing on their own.
+    lines = [line for line in lines if line.strip().strip("!-=─━ ")]
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"... ({len(lines) - limit} more lines)"]
+    return lines
+
+
+def _run_quickstart(demo: Demo, project: Path) -> None:
+    """Execute notebooks/quickstart.ipynb in this workspace and show what each cell did."""
+    source = notebooks_dir() / "quickstart.ipynb"
+    if not source.is_file():
+        demo.console.print(
+            f"[yellow](skipped: the quickstart notebook is not at {escape(str(source))}; the "
+            "notebooks ship with the repository, not the package: run `make demo` in a checkout)[/]"
+        )
+        return
+    try:
+        import nbformat
+        import papermill
+
+        from modelyo_jupyter.papermill_io import EncryptedNotebookHandler
+    except ImportError as exc:
+        demo.expect("the jupyter extra is installed", False, f"{exc}; pip install 'modelyo[dev]'")
+        return
+    output = "modelyo+enc://quickstart-out.ipynb"
+    shown = source.relative_to(source.parents[1])
+    demo.console.print(f"[bold cyan]$ papermill {shown} {output}[/]", highlight=False)
+    error = ""
+    try:
+        papermill.execute_notebook(
+            str(source),
+            output,
+            cwd=str(project),
+            kernel_name="python3",
+            progress_bar=False,
+            log_output=False,
+        )
+    except papermill.PapermillExecutionError as exc:
+        error = f"cell {exc.cell_index}: {exc.ename}: {exc.evalue}"
+    except Exception as exc:  # the notebook's kernel, or its output could not be written
+        demo.expect("the quickstart ran", False, f"{type(exc).__name__}: {exc}")
+        return
+    stored = (project / "quickstart-out.ipynb").read_bytes()
+    nb = nbformat.reads(EncryptedNotebookHandler.read(output), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        first = cell.source.splitlines()[0] if cell.source else ""
+        demo.console.print(f"[bold]In \\[{cell.execution_count or ' '}]:[/] {escape(first)}")
+        for line in _cell_lines(cell):
+            demo.console.print(
+                f"    {escape(line)}", highlight=False, no_wrap=True, overflow="ellipsis"
+            )
+    demo.expect("every cell ran without an error", not error, error)
+    demo.expect(
+        "the executed notebook is stored encrypted (quickstart-out.ipynb)",
+        b"nbformat" not in stored,
+    )
 
 
 def _show_base_image(demo: Demo) -> None:
