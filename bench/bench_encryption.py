@@ -19,6 +19,7 @@ default (durable: fsync before the name appears) is compared with `cp` followed 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1 << 20
+_FRESH = itertools.count(1)  # suffixes of fresh output names
 _API_SCRIPT = """
 import sys, time
 from modelyo.encryption import StaticKeySource, read_key_file
@@ -54,6 +56,7 @@ class Op:
     inputs: list[Path] = field(default_factory=list)
     warmup: list[str] = field(default_factory=list)  # run untimed first (loads Python's files)
     inner_time: bool = False  # the command prints its own elapsed time (API runs)
+    fresh_outputs: bool = False  # write to a new name each run; remove at the end of the phase
     times: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -61,15 +64,21 @@ class Op:
 
 def run(op: Op) -> None:
     """Run `op` once with warm inputs after a sync; record wall time, peak RSS and CPU use."""
-    for out in op.outputs:
-        _remove(out)
+    argv = op.argv
+    if op.fresh_outputs:
+        # A new output name every run, nothing deleted until the phase ends (README).
+        for out in op.outputs:
+            argv = [a.replace(str(out), f"{out}-{next(_FRESH)}") for a in argv]
+    else:
+        for out in op.outputs:
+            _remove(out)
     for path in op.inputs:
         _warm(path)
     if op.warmup:
         subprocess.run(op.warmup, capture_output=True, check=True)
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.Popen(op.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -121,6 +130,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--files", type=int, default=2000, help="files of 4 KiB in the tree")
     parser.add_argument("--dir", default=None, help="where to put the temporary folder")
+    parser.add_argument(
+        "--tree-outputs",
+        choices=("fresh", "reused"),
+        default="fresh",
+        help="tree runs write to a new name each run and nothing is deleted until the tree "
+        "phase ends (fresh, default), or remove the previous output just before each run "
+        "(reused: on ext4 without a journal every new inode then costs ~0.2 ms, see README)",
+    )
     args = parser.parse_args()
 
     missing = [t for t in ("age", "age-keygen", "cp", "sync") if shutil.which(t) is None]
@@ -137,6 +154,12 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="modelyo-bench-", dir=args.dir))
     try:
+        # Our commands run from compiled bytecode, as an installed package does: with
+        # PYTHONDONTWRITEBYTECODE (set in some dev shells) and an editable install, every start
+        # would compile modelyo's sources again (~0.1 s). The bytecode goes to the temporary
+        # folder, never into the source tree; the untimed warm-up runs write it.
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
         key = tmp / "key"
         key.write_bytes(os.urandom(32))
         key.chmod(0o600)
@@ -244,6 +267,8 @@ def main() -> int:
                 if f"{p}'" in text or str(p) in op.argv
             ]
         rng = random.Random(2024)
+        for op in tree_ops:
+            op.fresh_outputs = args.tree_outputs == "fresh"
         for ops in (file_ops, tree_ops):
             for r in range(args.rounds):
                 # A fresh order every round: what ran just before a command affects it
@@ -256,6 +281,8 @@ def main() -> int:
             for op in ops:
                 for out in op.outputs:
                     _remove(out)
+                    for old in out.parent.glob(f"{out.name}-*"):
+                        _remove(old)
 
         # Correctness once: what we decrypt is what we encrypted.
         subprocess.run([*lean, "decrypt", "-q", nf, str(big_myo), str(o)], check=True)
@@ -286,7 +313,9 @@ def report(file_ops: list[Op], tree_ops: list[Op], args: argparse.Namespace, sam
             f"{size / m / 1e9:6.2f} {max(op.rss_kib) / 1024:6.1f} MiB "
             f"{statistics.median(op.cpu):5.0%}"
         )
-    print(f"\ntree of {args.files} files of 4 KiB, {args.rounds} rounds")
+    print(
+        f"\ntree of {args.files} files of 4 KiB, {args.rounds} rounds, outputs {args.tree_outputs}"
+    )
     print(f"  {'command':34s} {'median s':>9s} {'min-max s':>13s} {'files/s':>8s} {'peak RSS':>9s}")
     for op in tree_ops:
         m = _median(op)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from modelyo.errors import ConfigError
+from modelyo.errors import ConfigError, NotAttestedError
 from modelyo.files import atomic_write_text
 
 CA_CERT = "ca.pem"
@@ -35,6 +35,11 @@ TDX_CERT = "tdx_ca.pem"
 TDX_CLIENT_CERT = "tdx_client.pem"
 TDX_CLIENT_KEY = "tdx_client.key"
 CONFIG_FILE = "modelyo.toml"
+CA_FILES = (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY)
+TDX_FILES = (TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY)
+# What `modelyo attest` writes (steps 1 and 2); an owner's commands need them.
+ATTEST_FILES = CA_FILES + TDX_FILES
+ATTEST_HINT = "run `%modelyo attest` in a notebook, or `modelyo attest` in a shell, there first"
 
 
 class WorkspaceConfig(BaseModel):
@@ -109,7 +114,21 @@ class Workspace:
     @property
     def ca_owner(self) -> bool:
         """Whether this directory holds a complete CA onboarding (pinned root and client)."""
-        return self.has(CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY)
+        return self.has(*CA_FILES)
+
+    @property
+    def attested(self) -> bool:
+        """Whether this directory holds all six files `modelyo attest` writes."""
+        return self.has(*ATTEST_FILES)
+
+    def require(self, names: tuple[str, ...] = ATTEST_FILES, *, needed_for: str = "this") -> None:
+        """Raise NotAttestedError, saying what to do, unless all `names` are here."""
+        missing = [n for n in names if not self.path(n).is_file()]
+        if missing:
+            raise NotAttestedError(
+                f"{self.root} is not attested: {needed_for} needs {', '.join(missing)}, which "
+                f"`modelyo attest` writes; {ATTEST_HINT}"
+            )
 
 
 @dataclass(frozen=True)

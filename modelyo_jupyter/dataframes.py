@@ -27,13 +27,12 @@ from typing import Any
 
 import pandas as pd
 
-from modelyo.client.ca import CaClient
-from modelyo.client.keys import CaKeySource
+from modelyo.client.keys import workspace_keys
 from modelyo.encryption import KeySource, ReleasedKey, check_key_id, decrypt_stream, encrypt_stream
 from modelyo.encryption.files import atomic_output
-from modelyo.errors import CodecError, NotAttestedError
+from modelyo.errors import CodecError
 from modelyo.jobs.codec import read_value, write_dataframe, write_value
-from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Workspace
+from modelyo.workspace import Workspace
 
 __all__ = [
     "ModelyoFrameAccessor",
@@ -43,7 +42,6 @@ __all__ = [
     "write_encrypted",
 ]
 
-ATTEST_HINT = "run `%modelyo attest` (or `modelyo attest`) first"
 _FILE_MODE = 0o600
 _PIPE_CHUNK = 1 << 20  # Parquet output is coalesced into chunks of this size for the encrypter
 _PIPE_DEPTH = 8  # chunks in flight: bounds memory at a few MiB whatever the frame's size
@@ -51,43 +49,15 @@ _PIPE_DEPTH = 8  # chunks in flight: bounds memory at a few MiB whatever the fra
 
 # --- The workspace's key source -------------------------------------------------------------
 
-_sources_lock = threading.Lock()
-_sources: dict[Path, tuple[tuple[object, ...], CaKeySource]] = {}
-
 
 def default_key_source(workspace: Workspace | None = None) -> KeySource:
     """The CA key source of `workspace` (default: the current directory), one per workspace.
 
-    Kept for the life of the process (so released keys are asked for once) and made anew when
-    `modelyo attest` rewrites the workspace's files. After `modelyo ca rotate`, new files use
-    the new version once the source's cached answer for "current" expires (60 s); exact
-    versions never change, so old files always read. NotAttestedError when there is none.
+    After `modelyo ca rotate`, new files use the new version once the source's cached answer
+    for "current" expires (60 s); exact versions never change, so old files always read.
+    NotAttestedError when the workspace has not attested the CA.
     """
-    ws = Workspace((workspace or Workspace.here()).root.resolve())
-    missing = [n for n in (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY) if not ws.path(n).is_file()]
-    if missing:
-        raise NotAttestedError(
-            f"{ws.root} is not an attested Modelyo workspace ({', '.join(missing)} missing): "
-            f"{ATTEST_HINT}, or pass keys=..."
-        )
-    url = ws.config().ca_url
-    if not url:
-        raise NotAttestedError(f"{ws.config_path} names no CA (ca_url): {ATTEST_HINT}")
-    stamp = (url, *(_file_stamp(ws.path(n)) for n in (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY)))
-    with _sources_lock:
-        cached = _sources.get(ws.root)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        # A replaced entry's client is left to the garbage collector: another thread may still
-        # be using it.
-        source = CaKeySource(CaClient.for_owner(ws))
-        _sources[ws.root] = (stamp, source)
-        return source
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return workspace_keys(workspace, needed_for="encrypting or decrypting a DataFrame")
 
 
 class _OneKey:

@@ -39,16 +39,14 @@ from modelyo.cli.render import SIMULATED_BANNER
 from modelyo.errors import (
     JobTimeoutError,
     ModelyoError,
-    NotAttestedError,
     RemoteExecutionError,
 )
 from modelyo.workspace import (
+    ATTEST_HINT,
     CA_CERT,
     CA_CLIENT_CERT,
-    CA_CLIENT_KEY,
     TDX_CERT,
     TDX_CLIENT_CERT,
-    TDX_CLIENT_KEY,
     Endpoint,
     Workspace,
 )
@@ -67,7 +65,6 @@ if TYPE_CHECKING:
     from modelyo.attest import AttestOutcome
     from modelyo.jobs import JobSession
 
-ATTEST_HINT = "run `%modelyo attest` (or `modelyo attest` in this directory) first"
 _ANSI_RED, _ANSI_BOLD, _ANSI_RESET = "\x1b[0;31m", "\x1b[1m", "\x1b[0m"
 
 
@@ -240,17 +237,11 @@ def _ownership(value: str) -> str:
 
 def attested(workspace: Workspace) -> bool:
     """Whether the workspace holds all six files `modelyo attest` writes."""
-    return workspace.has(
-        CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY
-    )
+    return workspace.attested
 
 
 def require_attested(workspace: Workspace) -> None:
-    if not attested(workspace):
-        raise NotAttestedError(
-            f"{workspace.root} is not attested (it lacks what `modelyo attest` writes); "
-            f"{ATTEST_HINT}"
-        )
+    workspace.require(needed_for="this command")
 
 
 def _discovered(service: str, workspace: Workspace) -> Endpoint | None:

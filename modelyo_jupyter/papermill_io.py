@@ -20,17 +20,15 @@ papermill imports this module whenever it starts, so it imports nothing heavy at
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from modelyo.errors import ConfigError, EncryptionError, NotAttestedError
+from modelyo.errors import EncryptionError
 
 if TYPE_CHECKING:
-    from modelyo.client.ca import CaClient
     from modelyo.encryption import KeySource
 
 PREFIX = "modelyo+enc://"
@@ -69,48 +67,6 @@ def parse_url(url: str) -> tuple[str, str | None]:
     return path, key_id
 
 
-class _CaKeys:
-    """The CA key sources of the workspaces used in this process, one per folder.
-
-    papermill writes the output many times per run; one source per folder means one mutual-TLS
-    client and one key release per key id, not one per write.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sources: dict[Path, tuple[CaClient, KeySource]] = {}
-
-    def for_folder(self, folder: Path) -> KeySource:
-        from modelyo.client.ca import CaClient
-        from modelyo.client.keys import CaKeySource
-        from modelyo.workspace import Workspace
-
-        with self._lock:
-            found = self._sources.get(folder)
-            if found is None:
-                try:
-                    client = CaClient.for_owner(Workspace(folder))
-                except ConfigError as exc:
-                    raise NotAttestedError(
-                        f"an encrypted notebook ({PREFIX}...) needs keys from the Modelyo CA, "
-                        f"and {folder} has not attested it ({exc}); run `modelyo attest` "
-                        f"(or `%modelyo attest` in a notebook) in {folder} first"
-                    ) from None
-                found = (client, CaKeySource(client))
-                self._sources[folder] = found
-            return found[1]
-
-    def close(self) -> None:
-        with self._lock:
-            for client, _ in self._sources.values():
-                client.close()
-            self._sources.clear()
-
-
-_ca_keys = _CaKeys()
-atexit.register(_ca_keys.close)
-
-
 class EncryptedNotebookHandler:
     """papermill I/O handler (classmethods, as papermill calls them on the class).
 
@@ -130,7 +86,10 @@ class EncryptedNotebookHandler:
     def _key_source(cls) -> KeySource:
         if cls._keys is not None:
             return cls._keys
-        return _ca_keys.for_folder(Path.cwd())
+        from modelyo.client.keys import workspace_keys
+
+        # One source per folder for the process: papermill writes the output many times a run.
+        return workspace_keys(needed_for=f"an encrypted notebook ({PREFIX}...)")
 
     @classmethod
     def read(cls, path: str) -> str:

@@ -44,7 +44,7 @@ def test_owner_commands(onboarded, capsys):
 def test_owner_commands_need_an_onboarded_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["ca", "vms"]) == 1
-    assert "run `modelyo attest` here first" in capsys.readouterr().err
+    assert "`modelyo attest` in a shell, there first" in capsys.readouterr().err
 
 
 def test_audit_log_fetched_from_the_ca_verifies_and_an_edit_is_detected(onboarded, capsys):

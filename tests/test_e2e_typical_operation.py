@@ -102,7 +102,7 @@ def test_docker_commands_are_refused_without_the_owner_certificate(
 ):
     monkeypatch.chdir(tmp_path)
     assert main(["docker", "ps"]) == 1
-    assert "run `modelyo attest` here first" in capsys.readouterr().err
+    assert "`modelyo attest` in a shell, there first" in capsys.readouterr().err
 
 
 def test_a_foreign_client_certificate_is_refused(stack, tmp_path, monkeypatch, capsys):

@@ -351,3 +351,29 @@ def test_sigkill_mid_run_leaves_no_destination_or_partial_plaintext(
         assert _snapshot(dst) == _snapshot(src)
     else:
         assert dst.read_bytes() == (src / "b-big").read_bytes()
+
+
+def test_threads_share_a_folder_when_files_are_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelyo.encryption import tree as tree_mod
+
+    # Pretend files are slow to create so the second half of each folder goes to threads.
+    monkeypatch.setattr(tree_mod, "_SLOW_FILE", 0.0)
+    monkeypatch.setattr(tree_mod, "_PROBE_FILES", 4)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(120):
+        (src / f"f{i:03d}").write_bytes(os.urandom(i * 37))
+        (src / "sub" / f"g{i:03d}").write_bytes(os.urandom(i))
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    enc, dec = tmp_path / "enc", tmp_path / "dec"
+    assert encrypt_tree(src, enc, KEYS, threads=2, fsync=False).files == 241
+    decrypt_tree(enc, dec, KEYS, threads=2)
+    assert _snapshot(dec) == _snapshot(src)
+    data = bytearray((enc / "sub" / "g100").read_bytes())
+    data[-1] ^= 1
+    (enc / "sub" / "g100").write_bytes(bytes(data))
+    with pytest.raises(TamperError, match="g100"):
+        decrypt_tree(enc, tmp_path / "dec2", KEYS, threads=2)
+    assert _entries(tmp_path) == ["dec", "enc", "src"]

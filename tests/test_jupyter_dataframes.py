@@ -153,7 +153,7 @@ def test_an_encrypted_file_that_is_not_a_frame(tmp_path):
 
 def test_before_attestation_the_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = r"run `%modelyo attest` \(or `modelyo attest`\) first"
+    message = r"run `%modelyo attest` in a notebook, or `modelyo attest` in a shell"
     with pytest.raises(NotAttestedError, match=message):
         _frame().modelyo.encrypt(tmp_path / "frame.enc")
     with pytest.raises(NotAttestedError, match=message):

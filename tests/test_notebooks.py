@@ -159,5 +159,5 @@ def test_papermill_refuses_an_encrypted_output_before_attestation(workdir):
         workdir,
     )
     assert proc.returncode != 0
-    assert "run `modelyo attest`" in proc.stderr, proc.stderr
+    assert "`modelyo attest` in a shell, there first" in proc.stderr, proc.stderr
     assert not (workdir / "out.ipynb").exists()

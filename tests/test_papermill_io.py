@@ -213,7 +213,7 @@ def test_papermill_executes_into_an_encrypted_output(keys, tmp_path):
 
 def test_without_an_attested_workspace_keys_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotAttestedError, match="run `modelyo attest`"):
+    with pytest.raises(NotAttestedError, match="`modelyo attest` in a shell, there first"):
         EncryptedNotebookHandler.write(notebook(), f"{PREFIX}out.ipynb")
     assert list(tmp_path.iterdir()) == []
 

@@ -36,7 +36,6 @@ from modelyo.encryption import (
 from modelyo.encryption.files import atomic_output
 from modelyo.encryption.stream import NO_PROGRESS, Progress
 from modelyo.errors import KeyUnavailableError, ModelyoError, TamperError
-from modelyo.workspace import Workspace
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -77,6 +76,10 @@ def key_source(key_file: Path | None, key_id: str) -> KeySource:
     if key_file is not None:
         key = read_key_file(key_file)
         return StaticKeySource({key_id: {1: key}}, origin=f"the key file {key_file}")
+    # Imported here: the workspace's pydantic models cost ~80 ms of start-up, which a run
+    # with a key file (or a short tree run) should not pay.
+    from modelyo.workspace import Workspace
+
     workspace = Workspace.here()
     if workspace.ca_owner:
         # Imported here: the HTTPS client is only needed when keys come from the CA.

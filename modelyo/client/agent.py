@@ -29,12 +29,14 @@ from modelyo.client.tls import (
     peer_certificate,
     pinned_context,
 )
-from modelyo.errors import AttestationError, ConfigError, ModelyoError
+from modelyo.errors import AttestationError, ModelyoError, NotAttestedError
 from modelyo.workspace import (
+    ATTEST_HINT,
     CA_CERT,
     TDX_CERT,
     TDX_CLIENT_CERT,
     TDX_CLIENT_KEY,
+    TDX_FILES,
     Workspace,
 )
 
@@ -130,15 +132,10 @@ class AgentClient:
     @classmethod
     def for_owner(cls, workspace: Workspace, *, timeout: httpx.Timeout = TIMEOUT) -> AgentClient:
         """The owner's client, from the files `modelyo attest` stored in `workspace`."""
-        needed = (CA_CERT, TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY)
-        if not workspace.has(*needed):
-            raise ConfigError(
-                f"{workspace.root} holds no TDX VM onboarding ({', '.join(needed)}); run "
-                "`modelyo attest` here first"
-            )
+        workspace.require((CA_CERT, *TDX_FILES), needed_for="talking to the TDX VM")
         url = workspace.config().tdx_url
         if not url:
-            raise ConfigError(f"no tdx_url in {workspace.config_path}; run `modelyo attest`")
+            raise NotAttestedError(f"no tdx_url in {workspace.config_path}: {ATTEST_HINT}")
         return cls(
             url,
             workspace.path(CA_CERT).read_bytes(),

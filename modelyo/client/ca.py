@@ -27,8 +27,15 @@ from modelyo.client.tls import (
     first_contact_context,
     pinned_context,
 )
-from modelyo.errors import AttestationError, ConfigError, ModelyoError
-from modelyo.workspace import CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, Workspace
+from modelyo.errors import AttestationError, ModelyoError, NotAttestedError
+from modelyo.workspace import (
+    ATTEST_HINT,
+    CA_CERT,
+    CA_CLIENT_CERT,
+    CA_CLIENT_KEY,
+    CA_FILES,
+    Workspace,
+)
 
 
 @dataclass(frozen=True)
@@ -125,14 +132,10 @@ class CaClient:
     @classmethod
     def for_owner(cls, workspace: Workspace) -> CaClient:
         """The owner's client, from the files `modelyo attest` stored in `workspace`."""
-        if not workspace.ca_owner:
-            raise ConfigError(
-                f"{workspace.root} holds no CA onboarding ({CA_CERT}, {CA_CLIENT_CERT}, "
-                f"{CA_CLIENT_KEY}); run `modelyo attest` here first"
-            )
+        workspace.require(CA_FILES, needed_for="talking to the CA as its owner")
         url = workspace.config().ca_url
         if not url:
-            raise ConfigError(f"no ca_url in {workspace.config_path}; run `modelyo attest` again")
+            raise NotAttestedError(f"no ca_url in {workspace.config_path}: {ATTEST_HINT}")
         return cls(
             url,
             workspace.path(CA_CERT).read_bytes(),

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from pathlib import Path
 
 from modelyo.client.ca import CaClient
 from modelyo.client.http import ServiceError
 from modelyo.encryption.keys import ReleasedKey
 from modelyo.errors import KeyUnavailableError
+from modelyo.workspace import CA_FILES, Workspace
 
 
 class CaKeySource:
@@ -54,3 +56,32 @@ class CaKeySource:
             if version is None:
                 self._current[key_id] = (time.monotonic(), key)
             return key
+
+
+_sources_lock = threading.Lock()
+_sources: dict[Path, tuple[tuple[object, ...], CaKeySource]] = {}
+
+
+def workspace_keys(workspace: Workspace | None = None, *, needed_for: str = "this") -> CaKeySource:
+    """The CA key source of an owner's workspace (default: the current directory).
+
+    One per workspace for the life of the process, so each key is released once; made anew
+    when `modelyo attest` rewrites the workspace's files. NotAttestedError when there are none.
+    """
+    ws = Workspace((workspace or Workspace.here()).root.resolve())
+    ws.require(CA_FILES, needed_for=needed_for)
+    stamp = (ws.config().ca_url, *(_file_stamp(ws.path(n)) for n in CA_FILES))
+    with _sources_lock:
+        cached = _sources.get(ws.root)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        # A replaced source's client is left to the garbage collector: another thread may
+        # still be using it.
+        source = CaKeySource(CaClient.for_owner(ws))
+        _sources[ws.root] = (stamp, source)
+        return source
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size

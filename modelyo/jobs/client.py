@@ -31,12 +31,10 @@ from modelyo.client.agent import AgentClient
 from modelyo.client.http import ServiceError
 from modelyo.encryption import KeySource, decrypt_stream, encrypt_stream
 from modelyo.errors import (
-    ConfigError,
     EncryptionError,
     JobError,
     JobTimeoutError,
     ModelyoError,
-    NotAttestedError,
     RemoteExecutionError,
 )
 from modelyo.jobs._pipe import through_pipe
@@ -52,12 +50,6 @@ from modelyo.jobs.bundle import (
 )
 from modelyo.jobs.codec import encode_value, read_value
 from modelyo.workspace import (
-    CA_CERT,
-    CA_CLIENT_CERT,
-    CA_CLIENT_KEY,
-    TDX_CERT,
-    TDX_CLIENT_CERT,
-    TDX_CLIENT_KEY,
     Workspace,
 )
 
@@ -396,8 +388,6 @@ def _run_created(
 
 # --- sessions ------------------------------------------------------------------------------------
 
-ATTEST_FILES = (CA_CERT, CA_CLIENT_CERT, CA_CLIENT_KEY, TDX_CERT, TDX_CLIENT_CERT, TDX_CLIENT_KEY)
-
 
 class JobSession:
     """An owner's connection to the attested VM and the CA's keys, for several jobs."""
@@ -430,23 +420,11 @@ def open_session(workspace: Workspace | None = None) -> JobSession:
     from modelyo.client.keys import CaKeySource
 
     ws = workspace or Workspace.here()
-    missing = [n for n in ATTEST_FILES if not ws.path(n).is_file()]
-    if missing:
-        raise NotAttestedError(
-            f"{ws.root} has not attested the CA and the TDX VM (missing {', '.join(missing)}): "
-            "run `%modelyo attest` (or `modelyo attest`) first"
-        )
-    try:
-        ca = CaClient.for_owner(ws)
-    except ConfigError as exc:
-        raise NotAttestedError(
-            f"{exc}; run `%modelyo attest` (or `modelyo attest`) first"
-        ) from None
+    ws.require(needed_for="a remote job")
+    ca = CaClient.for_owner(ws)
     try:
         agent = AgentClient.for_owner(ws)
-    except ConfigError as exc:
+    except BaseException:
         ca.close()
-        raise NotAttestedError(
-            f"{exc}; run `%modelyo attest` (or `modelyo attest`) first"
-        ) from None
+        raise
     return JobSession(agent, CaKeySource(ca), [agent, ca])
