@@ -278,6 +278,7 @@ def up(
     for sub in ("sim", "ca", "agent", "logs"):
         (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
+    started_ca = ca is None
     if ca is None:
         if agent is not None:
             _stop(agent.pid)  # it was registered with a CA that is gone
@@ -289,10 +290,18 @@ def up(
         started_at=current.started_at if current and current.ca else int(time.time()),
         ca=ca,
     )
-    # Recorded before the agent starts, so the CA is found (and stopped) even if it fails.
+    # Recorded before the agent starts, so `dev down` finds the CA should this process die.
     atomic_write_text(root / "stack.json", stack.model_dump_json(indent=2))
     port = _free_port(DEFAULT_AGENT_PORT if agent_port is None else agent_port)
-    stack.agent = _start_agent(root, ca.url, port, gpus, tuple(tampered_gpus))
+    try:
+        stack.agent = _start_agent(root, ca.url, port, gpus, tuple(tampered_gpus))
+    except BaseException:
+        # A failed `up` leaves nothing running that it started (its caller may never call
+        # `down`: a test fixture, the demo); the logs stay for the error message.
+        if started_ca:
+            _stop(ca.pid)
+            (root / "stack.json").unlink(missing_ok=True)
+        raise
     atomic_write_text(root / "stack.json", stack.model_dump_json(indent=2))
     return stack
 

@@ -443,3 +443,26 @@ def test_state_and_logs_stay_in_the_dev_dir(stack):
     mode = stat.S_IMODE(os.stat(stack.dev_dir).st_mode)
     assert mode == 0o700
     assert json.loads(Path(stack.dev_dir, "stack.json").read_text())["ca"]["url"] == stack.ca.url
+
+
+def test_a_failed_dev_up_leaves_no_ca_running(tmp_path, monkeypatch):
+    """`dev up` stops the CA it started when the agent cannot start: a fixture or the demo
+    that sees the error never gets to call `dev down`."""
+    started: list[int] = []
+    start_ca = dev._start_ca
+
+    def recording_start_ca(*args, **kwargs):
+        info = start_ca(*args, **kwargs)
+        started.append(info.pid)
+        return info
+
+    def failing_start_agent(*args, **kwargs):
+        raise ModelyoError("the agent did not start (simulated failure)")
+
+    monkeypatch.setattr(dev, "_start_ca", recording_start_ca)
+    monkeypatch.setattr(dev, "_start_agent", failing_start_agent)
+    with pytest.raises(ModelyoError, match="simulated failure"):
+        dev.up(tmp_path / "dev", ca_port=0)
+    assert len(started) == 1
+    assert not dev._alive(started[0])
+    assert dev.read_stack(tmp_path / "dev") is None
