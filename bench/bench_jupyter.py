@@ -1,6 +1,7 @@
 """Jupyter benchmark: what `%%modelyo_run` costs over plain Docker.
 
 Run: `.venv/bin/python bench/bench_jupyter.py [--rounds N] [--rows N]`
+     `.venv/bin/python bench/bench_jupyter.py --big-rows 10000000` (memory only, see 3.)
 
 1. A trivial cell (`print("hi")`) through `%%modelyo_run` (IPython's InteractiveShell in this
    process, the magic as a user calls it) against `docker run --rm` of the same image running the
@@ -18,6 +19,13 @@ Run: `.venv/bin/python bench/bench_jupyter.py [--rounds N] [--rows N]`
    - the frame written as Parquet and read back here, in memory: the codec alone, the floor of
      any typed transfer (the magic does this twice, once on each side).
 
+3. With `--big-rows N` (instead of 1. and 2.): the memory a job costs the client. A frame of N
+   rows (int64, float64, short strings, tz-aware datetimes, a categorical) is sent through
+   `modelyo.jobs` (`n = len(df)`), then round-tripped (`df2 = df`); for each, the growth of
+   this process's peak RSS (VmHWM, reset before the job) is printed as a ratio to the frame's
+   own size (`df.memory_usage(deep=True)`). The round trip brings a second frame back, so its
+   floor is 1x.
+
 Rounds are interleaved (ours, then the references, each round) and the medians are compared, so
 the ratios hold even when the machine's speed drifts. The local stack (simulated platform) runs
 on this machine, so there is no network in the numbers: on a real VM, add the link's time.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import statistics
@@ -67,6 +76,77 @@ def frame(rows: int, seed: int = 1) -> pd.DataFrame:
             + pd.to_timedelta(rng.integers(0, 10**6, rows), unit="s"),
         }
     )
+
+
+def big_frame(rows: int, seed: int = 2) -> pd.DataFrame:
+    """A frame of `rows` rows built without large temporaries (peak RSS is what we measure)."""
+    rng = np.random.default_rng(seed)
+    names = pd.Index([f"p{i}" for i in range(1_000)], dtype="str")
+    return pd.DataFrame(
+        {
+            "id": np.arange(rows, dtype=np.int64),
+            "value": rng.normal(size=rows),
+            "name": names.take(rng.integers(0, len(names), rows)),
+            "seen": pd.DatetimeIndex(
+                pd.Timestamp("2025-01-01").value + rng.integers(0, 10**15, rows), tz="UTC"
+            ).tz_convert("Europe/Paris"),
+            "ward": pd.Categorical.from_codes(
+                rng.integers(0, 4, rows), ["cardio", "onco", "neuro", "icu"]
+            ),
+        }
+    )
+
+
+def rss_kib(field: str) -> int:
+    """This process's VmRSS or VmHWM (peak) in KiB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_growth(action: Callable[[], object]) -> int:
+    """Bytes by which this process's peak RSS exceeds its RSS before `action`."""
+    gc.collect()
+    before = rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    action()
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+def big_memory(rows: int) -> None:
+    """3. in the module docstring."""
+    from modelyo.jobs import JobSpec, open_session
+
+    t0 = time.perf_counter()
+    df = big_frame(rows)
+    size = int(df.memory_usage(deep=True).sum())
+    print(
+        f"{rows:,}-row frame: {size / 2**20:.0f} MiB in memory (built in "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
+    with open_session() as session:
+        for what, code, outputs in (
+            ("send", "n = len(df)", ["n"]),
+            ("round trip", "df2 = df", ["df2"]),
+        ):
+            result = None
+
+            def job(code: str = code, outputs: list[str] = outputs) -> None:
+                nonlocal result
+                result = session.run(JobSpec(code, inputs={"df": df}, outputs=outputs))
+
+            t0 = time.perf_counter()
+            grown = peak_growth(job)
+            seconds = time.perf_counter() - t0
+            assert result is not None and result.exit_code == 0
+            back = result.outputs[outputs[0]]
+            assert back == rows if what == "send" else len(back) == rows
+            result = None
+            print(
+                f"    {what}: {seconds:.1f} s, peak RSS +{grown / 2**20:.0f} MiB = "
+                f"{grown / size:.2f}x the frame"
+            )
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -151,6 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--big-rows", type=int, default=0, help="measure memory only (see 3.)")
     args = parser.parse_args()
     engine = docker.from_env(timeout=600)
     engine.images.get(DEFAULT_TAG)  # `modelyo image build-base` first if this fails
@@ -167,6 +248,9 @@ def main() -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 if modelyo(["attest"]) != 0:
                     sys.exit("bench: `modelyo attest` against the local stack failed")
+            if args.big_rows:
+                big_memory(args.big_rows)
+                return
             magic = Magic()
             # Warm-up, untimed: imports, the first TLS sessions, the image in the page cache.
             assert "hi" in magic.run("-q", TRIVIAL)

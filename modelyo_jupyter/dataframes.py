@@ -17,13 +17,10 @@ a `keys` source (e.g. `modelyo.encryption.StaticKeySource`) is passed.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import queue
-import threading
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import pandas as pd
 
@@ -32,6 +29,7 @@ from modelyo.encryption import KeySource, ReleasedKey, check_key_id, decrypt_str
 from modelyo.encryption.files import atomic_output
 from modelyo.errors import CodecError
 from modelyo.jobs.codec import read_value, write_dataframe, write_value
+from modelyo.jobs.pipe import through_pipe
 from modelyo.workspace import Workspace
 
 __all__ = [
@@ -43,8 +41,6 @@ __all__ = [
 ]
 
 _FILE_MODE = 0o600
-_PIPE_CHUNK = 1 << 20  # Parquet output is coalesced into chunks of this size for the encrypter
-_PIPE_DEPTH = 8  # chunks in flight: bounds memory at a few MiB whatever the frame's size
 
 
 # --- The workspace's key source -------------------------------------------------------------
@@ -71,98 +67,6 @@ class _OneKey:
         if key_id != self._key_id or version not in (None, self._released.version):
             raise AssertionError("the encrypter asked for a key it was not given")  # a bug
         return self._released
-
-
-# --- An in-process pipe: Parquet writer -> encrypter ------------------------------------------
-
-_EOF = object()
-_ABORT = object()
-
-
-class _Pipe:
-    """A bounded queue of byte chunks between the Parquet writer and the encrypting thread.
-
-    No file descriptors: either side can be stopped (`abort`) without the close-while-reading
-    races an OS pipe has, and nothing waits forever when the other side failed.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=_PIPE_DEPTH)
-        self._aborted = threading.Event()
-        self._pending = memoryview(b"")
-        self._eof = False
-        self.stopped_by = ""  # the side that called `abort` first
-        self._lock = threading.Lock()
-
-    # writer side
-    def put(self, chunk: object) -> None:
-        while True:
-            if self._aborted.is_set():
-                raise BrokenPipeError("the encrypter stopped")
-            try:
-                self._queue.put(chunk, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    # reader side
-    def readinto(self, view: memoryview) -> int:
-        while not self._pending:
-            if self._eof:
-                return 0
-            if self._aborted.is_set():
-                raise BrokenPipeError("the DataFrame writer stopped")
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _EOF:
-                self._eof = True
-                return 0
-            if item is _ABORT:
-                raise BrokenPipeError("the DataFrame writer stopped")
-            self._pending = memoryview(item)  # type: ignore[arg-type]
-        n = min(len(view), len(self._pending))
-        view[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def abort(self, side: str) -> None:
-        """Stop both sides: a blocked writer or reader raises BrokenPipeError."""
-        with self._lock:
-            self.stopped_by = self.stopped_by or side
-        self._aborted.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_ABORT)
-
-
-class _PipeWriter(io.RawIOBase):
-    def __init__(self, pipe: _Pipe) -> None:
-        self._pipe = pipe
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)  # the caller may reuse its buffer as soon as we return
-        self._pipe.put(chunk)
-        return len(chunk)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._pipe.put(_EOF)
-        super().close()
-
-
-class _PipeReader(io.RawIOBase):
-    def __init__(self, pipe: _Pipe) -> None:
-        self._pipe = pipe
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, view: Any) -> int:
-        return self._pipe.readinto(memoryview(view).cast("B"))
 
 
 # --- Writing and reading --------------------------------------------------------------------
@@ -197,38 +101,15 @@ def write_encrypted(
 def _stream_encrypted(
     value: pd.DataFrame | pd.Series, out: io.BufferedWriter, keys: KeySource, key_id: str
 ) -> None:
-    """Encode `value` as Parquet on this thread while another thread encrypts it into `out`."""
-    pipe = _Pipe()
-    failed: list[BaseException] = []
+    """Encode `value` as Parquet in a thread while this one encrypts it into `out`."""
 
-    def encrypt() -> None:
-        try:
-            encrypt_stream(_PipeReader(pipe), out, keys, key_id)  # type: ignore[arg-type]
-        except BaseException as exc:
-            failed.append(exc)
-            pipe.abort("encrypter")
-
-    thread = threading.Thread(target=encrypt, name="modelyo-encrypt-frame", daemon=True)
-    thread.start()
-    sink = io.BufferedWriter(_PipeWriter(pipe), buffer_size=_PIPE_CHUNK)
-    try:
+    def encode(sink: BinaryIO) -> None:
         if isinstance(value, pd.DataFrame):
-            write_dataframe(value, sink)  # type: ignore[arg-type]
+            write_dataframe(value, sink)
         else:
-            write_value(value, sink)  # type: ignore[arg-type]
-        sink.close()  # flushes, then marks the end of the stream
-        thread.join()
-    except BaseException:  # Ctrl-C included: stop the encrypter before the output is discarded
-        pipe.abort("writer")
-        with contextlib.suppress(OSError, ValueError):
-            sink.close()
-        thread.join()
-        if failed and pipe.stopped_by == "encrypter":
-            # The encrypter's failure is the cause; the writer only saw the pipe break.
-            raise failed[0] from None
-        raise
-    if failed:
-        raise failed[0]
+            write_value(value, sink)
+
+    through_pipe(encode, lambda source: encrypt_stream(source, out, keys, key_id))
 
 
 def read_encrypted(

@@ -55,6 +55,7 @@ from modelyo.errors import (
     ContainerError,
     ContainerInvalidError,
     ContainerNotFoundError,
+    KeyUnavailableError,
     UploadTooLargeError,
 )
 from modelyo.files import atomic_write_text
@@ -576,6 +577,15 @@ class ContainerRuntime:
                 f"key id {spec.key_id!r} is not allowed for this VM (allowed: {shown}); use an "
                 "allowed key id, or have the CA's policy allow this one for the VM"
             )
+        # The CA is the authority and its policy may have changed since this VM registered:
+        # ask it now (the answer is cached), so a refused key id stops here and not inside
+        # the running container.
+        try:
+            self._dirs.check_key(spec.key_id)
+        except KeyUnavailableError as exc:
+            raise ContainerInvalidError(
+                f"key id {spec.key_id!r} is not released to this VM: {exc}"
+            ) from None
         if spec.gpu and self._gpu_count() == 0:
             raise ContainerInvalidError(
                 "this VM has no GPU; create the container without a GPU request, or use a VM "

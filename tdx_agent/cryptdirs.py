@@ -324,6 +324,11 @@ class CryptDirs:
         for thread in self._threads:
             thread.start()
 
+    def check_key(self, key_id: str) -> None:
+        """Raise KeyUnavailableError unless the key source releases the current version of
+        `key_id` (cached, as for the folders' own requests)."""
+        self._keys.key(key_id, None)
+
     # --- lifecycle of one container's folders ---
 
     def open(self, token: str, key_id: str) -> ContainerDirs:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 SITE = "/opt/modelyo/lib/python3.11/site-packages/modelyo"
 CHUNK = 1 << 20
 GIB = 1 << 30
-KEYS = StaticKeySource({"alpha": {1: b"a" * 32}, "beta": {1: b"b" * 32}})
+KEYS = StaticKeySource({"default": {1: b"d" * 32}, "alpha": {1: b"a" * 32}, "beta": {1: b"b" * 32}})
 
 # The job image of these tests: the base image plus the current in-container helper (the base
 # image may predate it; `modelyo image build-base` puts it in for real), a unique file so that
@@ -512,6 +512,11 @@ def test_create_refusals(docker_client, job_tag, make_runtime) -> None:
     runtime = make_runtime(builtin_images=[job_tag], allowed_key_ids=lambda: {"alpha"})
     with pytest.raises(ContainerInvalidError, match="key id 'beta' is not allowed"):
         runtime.create(ContainerSpec(image=job_tag, name=_name(), key_id="beta"))
+    # Allowed by the registration, but the key source (the CA) does not release it (any more).
+    unreleased = make_runtime(builtin_images=[job_tag], allowed_key_ids={"alpha", "gamma"})
+    with pytest.raises(ContainerInvalidError, match="key id 'gamma' is not released to this VM"):
+        unreleased.create(ContainerSpec(image=job_tag, name=_name(), key_id="gamma"))
+    assert unreleased.list() == []
     with pytest.raises(ContainerInvalidError, match="no GPU"):
         runtime.create(ContainerSpec(image=job_tag, name=_name(), key_id="alpha", gpu=True))
     with pytest.raises(ContainerNotFoundError, match="no image 'nope:1'"):

@@ -3,6 +3,7 @@ and the job base image; attest in a temporary directory, then `run_job` through 
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def test_a_missing_output_is_reported_by_name(session):
 
 
 def test_open_session_before_attestation_is_refused(tmp_path):
-    with pytest.raises(NotAttestedError, match=r"run `%modelyo attest` \(or `modelyo attest`\)"):
+    with pytest.raises(NotAttestedError, match=r"run `%modelyo attest` in a notebook, or `modelyo"):
         open_session(Workspace(tmp_path))
 
 
@@ -223,10 +224,54 @@ def test_a_key_id_the_vm_may_not_use_is_refused(session, home):
         )
         ca.set_policy(restricted)
         try:
+            events = Recorder()
             with pytest.raises(JobError, match=r"'restricted'") as caught:
-                session.run(JobSpec("x = 1\n", outputs=["x"], key_id="restricted"))
-            assert "without a result" in str(caught.value)
+                session.run(JobSpec("x = 1\n", outputs=["x"], key_id="restricted"), events=events)
+            # Refused when the container is created (the agent asks the CA first), with the
+            # CA's reason; nothing ran.
+            message = str(caught.value)
+            assert "did not create the job's container" in message
+            assert "not released to this VM" in message and "may not receive" in message
+            assert "running" not in events.phases
             # The default key still works for this VM.
             assert session.run(JobSpec("x = 1\n", outputs=["x"])).outputs == {"x": 1}
         finally:
             ca.set_policy(before)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_a_large_frame_round_trip_costs_the_client_a_bounded_multiple_of_its_size(session):
+    """Inputs are encoded one at a time into the encrypting pipe and outputs decoded in place
+    from the one decrypted copy, so a round trip (which brings a second frame back: 1x) costs
+    a small multiple of the frame, not one copy per stage."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    rows = 2_000_000
+    rng = np.random.default_rng(3)
+    names = pd.Index([f"p{i}" for i in range(1_000)], dtype="str")
+    df = pd.DataFrame(
+        {
+            "id": np.arange(rows, dtype=np.int64),
+            "value": rng.normal(size=rows),
+            "name": names.take(rng.integers(0, len(names), rows)),
+            "seen": pd.DatetimeIndex(rng.integers(0, 10**15, rows), tz="UTC"),
+            "ward": pd.Categorical.from_codes(rng.integers(0, 3, rows), ["a", "b", "c"]),
+        }
+    )
+    size = int(df.memory_usage(deep=True).sum())
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    clear_refs.write_text("5")  # the peak (VmHWM) starts again from the current RSS
+    result = session.run(JobSpec("df2 = df", inputs={"df": df}, outputs=["df2"]))
+    grown = (_rss_kib("VmHWM") - before) * 1024
+    back = result.outputs["df2"]
+    # DataFrame.equals, as assert_frame_equal takes seconds per million strings.
+    assert back.equals(df) and list(back.dtypes) == list(df.dtypes)
+    assert grown < 4 * size, f"peak RSS grew by {grown / size:.2f}x the frame's {size} bytes"

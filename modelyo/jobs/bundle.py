@@ -231,9 +231,10 @@ class BundleWriter:
             self._tar.close()
 
     def add_bytes(self, file: str, data: bytes | bytearray | memoryview) -> None:
-        """Add the value file `file` (as the header names it) with these bytes."""
-        view = memoryview(data)
-        self._add_value(file, io.BytesIO(view), view.nbytes)
+        """Add the value file `file` (as the header names it) with these bytes (not copied
+        whole: tarfile reads them a chunk at a time)."""
+        view = memoryview(data).cast("B")
+        self._add_value(file, _ViewStream(view), view.nbytes)  # type: ignore[arg-type]
 
     def add_file(self, file: str, path: str | os.PathLike[str]) -> None:
         """Add the value file `file` from a regular file at `path` (links refused)."""
@@ -261,6 +262,19 @@ class BundleWriter:
         self._tar.close()
         if missing:
             raise JobError(f"the bundle lacks {', '.join(missing)}, which its header names")
+
+
+class _ViewStream:
+    """Reads a memoryview a chunk at a time (io.BytesIO(view) would copy it whole)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._position = view, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._position + size
+        chunk = bytes(self._view[self._position : end])
+        self._position += len(chunk)
+        return chunk
 
 
 def _no_follow(path: str, flags: int) -> int:
@@ -307,8 +321,13 @@ class BundleReader:
     """
 
     def __init__(self, source: BinaryIO | bytes | str | os.PathLike[str], kind: Kind) -> None:
+        self._buffer: memoryview | None = None
         if isinstance(source, bytes | bytearray | memoryview):
+            self._buffer = memoryview(source).cast("B")
             source = io.BytesIO(source)
+        elif isinstance(source, io.BytesIO):
+            self._buffer = source.getbuffer()
+            source.seek(0)
         self._owned = None
         if isinstance(source, str | os.PathLike):
             source = self._owned = open(source, "rb", opener=_no_follow)
@@ -375,7 +394,16 @@ class BundleReader:
         assert handle is not None
         return handle  # type: ignore[return-value]
 
+    def view(self, entry: ValueEntry) -> memoryview | None:
+        """A value file's bytes without copying them, when the bundle is in memory (bytes or
+        io.BytesIO); None otherwise."""
+        if self._buffer is None:
+            return None
+        member = self._members[entry.file]
+        return self._buffer[member.offset_data : member.offset_data + member.size]
+
     def close(self) -> None:
+        self._buffer = None  # views already handed out keep the memory they need
         tar = getattr(self, "_tar", None)
         if tar is not None:
             tar.close()

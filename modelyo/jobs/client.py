@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, Protocol
 
 from modelyo.api import agent as api
 from modelyo.client.agent import AgentClient
@@ -37,7 +37,6 @@ from modelyo.errors import (
     ModelyoError,
     RemoteExecutionError,
 )
-from modelyo.jobs._pipe import through_pipe
 from modelyo.jobs.bundle import (
     INPUTS,
     BundleReader,
@@ -48,7 +47,8 @@ from modelyo.jobs.bundle import (
     check_name,
     value_file,
 )
-from modelyo.jobs.codec import encode_value, read_value
+from modelyo.jobs.codec import Encoding, plan_value, read_value, write_planned
+from modelyo.jobs.pipe import PipeSink, through_pipe
 from modelyo.workspace import (
     Workspace,
 )
@@ -124,16 +124,17 @@ class JobResult:
 # --- packaging -----------------------------------------------------------------------------------
 
 
-def package(spec: JobSpec) -> tuple[JobManifest, dict[str, bytes]]:
-    """The manifest and the encoded input files (in memory) of `spec`. Pure."""
-    values: dict[str, bytes] = {}
+def package(spec: JobSpec) -> tuple[JobManifest, dict[str, Encoding]]:
+    """The manifest of `spec` and how each input file will be encoded (nothing is encoded
+    yet: `seal_bundle` does it, one input at a time). Pure."""
+    encodings: dict[str, Encoding] = {}
     entries: list[ValueEntry] = []
     for name, value in spec.inputs.items():
         check_name(name, "input")
-        codec, data = encode_value(value, allow_pickle=spec.allow_pickle)
-        file = value_file(INPUTS, name, codec)
-        values[file] = data
-        entries.append(ValueEntry(name=name, codec=codec, file=file))
+        encoding = plan_value(value, allow_pickle=spec.allow_pickle)
+        file = value_file(INPUTS, name, encoding.codec)
+        encodings[file] = encoding
+        entries.append(ValueEntry(name=name, codec=encoding.codec, file=file))
     for name in spec.outputs:
         check_name(name, "output")
     try:
@@ -145,20 +146,29 @@ def package(spec: JobSpec) -> tuple[JobManifest, dict[str, bytes]]:
         )
     except ValueError as exc:
         raise JobError(f"the job is invalid: {exc}") from None
-    return manifest, values
+    return manifest, encodings
 
 
 def seal_bundle(
-    manifest: JobManifest, values: Mapping[str, bytes], keys: KeySource, key_id: str
+    manifest: JobManifest, encodings: Mapping[str, Encoding], keys: KeySource, key_id: str
 ) -> IO[bytes]:
-    """Tar and encrypt the bundle, through a pipe, into an anonymous temp file (ciphertext
-    only); return it rewound."""
+    """Encode the inputs, tar and encrypt the bundle, through a pipe, into an anonymous temp
+    file (ciphertext only); return it rewound.
+
+    A tar member's size comes before its bytes, so each input is encoded into memory first,
+    one at a time, and streamed into the tar from there (not copied again); only one encoded
+    input exists at any time.
+    """
     sealed = tempfile.TemporaryFile(prefix="modelyo-job-")
 
-    def produce(pipe: BinaryIO) -> None:
-        with BundleWriter(pipe, manifest) as bundle:
+    def produce(pipe: PipeSink) -> None:
+        with BundleWriter(pipe, manifest) as bundle:  # type: ignore[arg-type]
             for entry in manifest.inputs:
-                bundle.add_bytes(entry.file, values[entry.file])
+                encoded = _Checked(pipe)
+                write_planned(encodings[entry.file], encoded)
+                with encoded.getbuffer() as view:
+                    bundle.add_bytes(entry.file, view)
+                del encoded
 
     try:
         through_pipe(produce, lambda pipe: encrypt_stream(pipe, sealed, keys, key_id))
@@ -167,6 +177,19 @@ def seal_bundle(
         raise
     sealed.seek(0)
     return sealed
+
+
+class _Checked(io.BytesIO):
+    """An in-memory buffer whose writes stop when the pipe's consumer did (Ctrl-C, the
+    encrypter failed), so encoding a large input does not run on for nothing."""
+
+    def __init__(self, pipe: PipeSink) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def write(self, data: Any) -> int:
+        self._pipe.check()
+        return super().write(data)
 
 
 def tar_one_file(name: str, handle: IO[bytes]) -> Iterator[bytes]:
@@ -200,15 +223,19 @@ def untar_one_file(chunks: Iterator[bytes], name: str, sink: IO[bytes]) -> None:
             raise JobError(f"the agent sent an unreadable archive of {name}: {exc}") from None
 
 
-def decode_outcome(plain: bytes, allow_pickle: bool) -> tuple[JobOutcome, dict[str, object]]:
-    """The outcome and its decoded outputs, from the decrypted result bundle."""
+def decode_outcome(
+    plain: bytes | io.BytesIO, allow_pickle: bool
+) -> tuple[JobOutcome, dict[str, object]]:
+    """The outcome and its decoded outputs, from the decrypted result bundle (read in place:
+    no value is copied out of `plain` before decoding)."""
     with BundleReader(plain, "result") as bundle:
         outcome = bundle.header
         assert isinstance(outcome, JobOutcome)
-        outputs = {
-            entry.name: read_value(bundle.open(entry), entry.codec, allow_pickle=allow_pickle)
-            for entry in outcome.outputs
-        }
+        outputs = {}
+        for entry in outcome.outputs:
+            view = bundle.view(entry)
+            source = view if view is not None else bundle.open(entry)
+            outputs[entry.name] = read_value(source, entry.codec, allow_pickle=allow_pickle)
     return outcome, outputs
 
 
@@ -258,12 +285,27 @@ class _LogReader(threading.Thread):
         return "\n".join([*self.tail, self._pending]).strip()
 
 
-def _remove(agent: AgentClient, name: str) -> None:
-    """Stop and delete the container; cleanup must not hide the error that got us here."""
+def _remove(agent: AgentClient, name: str, *, exited: bool = False) -> None:
+    """Stop and delete the container; cleanup must not hide the error that got us here.
+    A container known to have `exited` is only deleted (one round trip less), unless the
+    agent refuses to."""
+    if exited:
+        try:
+            agent.delete(name)
+            return
+        except ModelyoError:
+            pass
     with contextlib.suppress(ModelyoError):
         agent.stop(name)
     with contextlib.suppress(ModelyoError):
         agent.delete(name)
+
+
+@dataclass
+class _State:
+    """What the cleanup needs to know of how far a job got."""
+
+    exited: bool = False
 
 
 def run_job(
@@ -285,9 +327,9 @@ def run_job(
     name = spec.name or f"modelyo-job-{secrets.token_hex(4)}"
     try:
         events.phase("packaging", f"{len(spec.inputs)} input(s)")
-        manifest, values = package(spec)
-        sealed = seal_bundle(manifest, values, keys, spec.key_id)
-        del values
+        manifest, encodings = package(spec)
+        sealed = seal_bundle(manifest, encodings, keys, spec.key_id)
+        del encodings
     except ModelyoError:
         events.phase("failed")
         raise
@@ -307,8 +349,9 @@ def run_job(
         except ServiceError as exc:
             events.phase("failed")
             raise JobError(f"the agent did not create the job's container {name}: {exc}") from exc
+        state = _State()
         try:
-            return _run_created(spec, agent, keys, events, name, sealed, started)
+            return _run_created(spec, agent, keys, events, name, sealed, started, state)
         except KeyboardInterrupt:
             events.phase("interrupted", name)
             raise
@@ -319,7 +362,7 @@ def run_job(
             events.phase("failed", name)
             raise
         finally:
-            _remove(agent, name)
+            _remove(agent, name, exited=state.exited)
 
 
 def _run_created(
@@ -330,6 +373,7 @@ def _run_created(
     name: str,
     sealed: IO[bytes],
     started: float,
+    state: _State,
 ) -> JobResult:
     try:
         agent.put_archive(name, JOB_DIR, tar_one_file(JOB_FILE, sealed))
@@ -350,10 +394,14 @@ def _run_created(
                 f"{name} was stopped and removed (give a larger timeout)"
             )
         reader.join(_POLL)
-    try:
-        exit_code = agent.wait(name, timeout=60).exit_code
-    except ServiceError as exc:
-        raise JobError(f"could not learn how the job's container {name} ended: {exc}") from exc
+    # A follow stream that ended by itself means the container exited, and the outcome
+    # says how (the runner exits 0 or 1 as it is "ok" or "error"): no need to ask the agent
+    # to wait, unless the stream broke or there is no outcome.
+    exit_code: int | None = None
+    if reader.error is None:
+        state.exited = True
+    else:
+        exit_code = _exit_code(agent, name)
 
     events.phase("collecting", name)
     plain = io.BytesIO()
@@ -363,6 +411,8 @@ def _run_created(
                 agent.get_archive(name, f"{JOB_DIR}/{RESULT_FILE}"), RESULT_FILE, encrypted
             )
         except ServiceError:
+            if exit_code is None:
+                exit_code = _exit_code(agent, name)
             output = reader.last_lines()
             raise JobError(
                 f"the job in container {name} ended (exit code {exit_code}) without a result"
@@ -373,8 +423,11 @@ def _run_created(
             decrypt_stream(encrypted, plain, keys, label="the job's result")
         except EncryptionError as exc:
             raise JobError(f"the job's result did not decrypt: {exc}") from exc
-    outcome, outputs = decode_outcome(plain.getvalue(), spec.allow_pickle)
+    # The one plaintext copy of the result: outputs are decoded from it in place.
+    outcome, outputs = decode_outcome(plain, spec.allow_pickle)
     del plain
+    if exit_code is None:
+        exit_code = 0 if outcome.status == "ok" else EXIT_USER_ERROR
     if outcome.status == "error":
         raise remote_error(outcome)
     if outcome.missing:
@@ -384,6 +437,13 @@ def _run_created(
         )
     events.phase("done", name)
     return JobResult(outputs, name, exit_code, time.monotonic() - started)
+
+
+def _exit_code(agent: AgentClient, name: str) -> int:
+    try:
+        return agent.wait(name, timeout=60).exit_code
+    except ServiceError as exc:
+        raise JobError(f"could not learn how the job's container {name} ended: {exc}") from exc
 
 
 # --- sessions ------------------------------------------------------------------------------------

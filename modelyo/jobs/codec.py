@@ -24,6 +24,7 @@ import io
 import json
 import pickle
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from modelyo.errors import CodecError
@@ -256,12 +257,22 @@ def _is_pandas(value: object, kind: str) -> bool:
     return pandas is not None and isinstance(value, getattr(pandas, kind))
 
 
-def write_value(value: object, sink: BinaryIO, *, allow_pickle: bool = False) -> str:
-    """Write `value` to `sink` in the first codec that holds it faithfully; return the codec.
+@dataclass(frozen=True)
+class Encoding:
+    """How `write_value` writes a value, decided (and checked) before anything is written."""
 
-    DataFrame and Series → "parquet"; JSON-able values → "json"; anything else → "pickle" if
-    `allow_pickle`, else `CodecError` naming the type.
-    """
+    codec: str
+    value: object
+    frame: Any = None  # parquet: the frame to write (a Series as a one-column frame)
+    schema: Any = None
+    series_name: Any = None
+    is_series: bool = False
+    plain: Any = None  # json: the value as plain JSON types
+
+
+def plan_value(value: object, *, allow_pickle: bool = False) -> Encoding:
+    """The codec `value` will be written with, or `CodecError` (see `write_value`). Cheap
+    next to writing: a frame's schema is inferred, nothing is encoded."""
     if _is_pandas(value, "DataFrame") or _is_pandas(value, "Series"):
         is_series = _is_pandas(value, "Series")
         frame: Any = value
@@ -272,22 +283,46 @@ def write_value(value: object, sink: BinaryIO, *, allow_pickle: bool = False) ->
                 if not (name is None or isinstance(name, str | int | float | bool)):
                     raise CodecError(f"the Series name {name!r} cannot be stored; use a str")
                 frame = value.to_frame(name="values")  # type: ignore[attr-defined]
-            # Checked before anything is written, so pickle can still take over.
             schema = _frame_schema(frame)
         except CodecError:
             if not allow_pickle:
                 raise
-            return _write_pickle(value, sink)
-        _write_frame(frame, sink, schema, series_name=name, is_series=is_series)
-        return "parquet"
+            return Encoding("pickle", value)
+        return Encoding("parquet", value, frame, schema, name, is_series)
     try:
         plain = to_json_value(value)
     except CodecError as exc:
         if not allow_pickle:
             raise CodecError(f"{exc}; {PICKLE_HINT}") from None
-        return _write_pickle(value, sink)
-    sink.write(json.dumps(plain, allow_nan=True, ensure_ascii=False).encode())
-    return "json"
+        return Encoding("pickle", value)
+    return Encoding("json", value, plain=plain)
+
+
+def write_planned(encoding: Encoding, sink: BinaryIO) -> None:
+    """Write a value as `plan_value` decided."""
+    if encoding.codec == "parquet":
+        _write_frame(
+            encoding.frame,
+            sink,
+            encoding.schema,
+            series_name=encoding.series_name,
+            is_series=encoding.is_series,
+        )
+    elif encoding.codec == "json":
+        sink.write(json.dumps(encoding.plain, allow_nan=True, ensure_ascii=False).encode())
+    else:
+        _write_pickle(encoding.value, sink)
+
+
+def write_value(value: object, sink: BinaryIO, *, allow_pickle: bool = False) -> str:
+    """Write `value` to `sink` in the first codec that holds it faithfully; return the codec.
+
+    DataFrame and Series → "parquet"; JSON-able values → "json"; anything else → "pickle" if
+    `allow_pickle`, else `CodecError` naming the type.
+    """
+    encoding = plan_value(value, allow_pickle=allow_pickle)
+    write_planned(encoding, sink)
+    return encoding.codec
 
 
 def _write_pickle(value: object, sink: BinaryIO) -> str:

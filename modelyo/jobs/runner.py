@@ -30,7 +30,6 @@ from typing import Any
 
 from modelyo import incontainer
 from modelyo.errors import CodecError, ModelyoError
-from modelyo.jobs._pipe import through_pipe
 from modelyo.jobs.bundle import (
     OUTCOME,
     OUTPUTS,
@@ -43,6 +42,7 @@ from modelyo.jobs.bundle import (
     value_file,
 )
 from modelyo.jobs.codec import read_value, write_value
+from modelyo.jobs.pipe import through_pipe
 
 CELL = "<cell>"
 EXIT_OK = 0
