@@ -397,7 +397,10 @@ def read_encrypted_parquet(
     properties = session.factory.file_decryption_properties(
         session.connection, pe.DecryptionConfiguration()
     )
-    with open(path, "rb") as source:  # missing or unreadable files raise OSError here, as usual
+    # A native file, not a Python one: Arrow's thread pool can abort the interpreter at exit
+    # after reading through a Python file object (apache/arrow#50482). Missing or unreadable
+    # files raise OSError here, as open() would.
+    with pa.OSFile(os.fspath(path)) as source:
         try:
             table = pq.read_table(
                 source,

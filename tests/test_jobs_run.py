@@ -4,25 +4,19 @@ and the job base image; attest in a temporary directory, then `run_job` through 
 from __future__ import annotations
 
 import gc
-import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
-from modelyo import dev
 from modelyo.cli.main import main
 from modelyo.client.ca import CaClient
 from modelyo.errors import JobError, JobTimeoutError, NotAttestedError, RemoteExecutionError
-from modelyo.images import base
-from modelyo.jobs import DEFAULT_IMAGE, JobSpec, open_session
+from modelyo.jobs import JobSpec, open_session
 from modelyo.workspace import Workspace
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Recorder:
@@ -44,37 +38,13 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def job_image(docker_client) -> str:
-    """The base image, rebuilt if `modelyo/` changed since (the runner lives in it)."""
-    try:
-        image = docker_client.images.get(DEFAULT_IMAGE)
-        current = image.labels.get(base.LABEL_SOURCE) == base.source_digest(REPO)
-    except Exception:
-        current = False
-    if not current:
-        base.build_base(console=Console(file=io.StringIO()))
-    return DEFAULT_IMAGE
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, job_image):
-    """One local stack for the module, attested from a temporary directory (the cwd)."""
-    tmp = tmp_path_factory.mktemp("jobs")
-    directory = tmp / "dev"
+def home(module_stack, base_image, tmp_path_factory):
+    """The module's local stack, attested from a temporary directory (the cwd)."""
+    project = tmp_path_factory.mktemp("project")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MODELYO_DEV_DIR", str(directory))
-        for var in ("MODELYO_CA_URL", "MODELYO_TDX_URL", "MODELYO_SIM_DIR"):
-            patch.delenv(var, raising=False)
-        patch.setenv("XDG_CONFIG_HOME", str(tmp / "xdg"))
-        dev.up(directory, ca_port=0)
-        try:
-            project = tmp / "project"
-            project.mkdir()
-            patch.chdir(project)
-            assert main(["attest"]) == 0
-            yield project
-        finally:
-            dev.down(directory)
+        patch.chdir(project)
+        assert main(["attest"]) == 0
+        yield project
 
 
 @pytest.fixture

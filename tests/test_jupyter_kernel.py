@@ -22,9 +22,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.manager import start_new_kernel
-from rich.console import Console
 
-from modelyo import dev
 from modelyo.api.ca import CaPolicy
 from modelyo.client.ca import CaClient
 from modelyo.workspace import Workspace
@@ -107,39 +105,14 @@ class Kernel:
 
 
 @pytest.fixture(scope="module")
-def base_image(docker_client) -> str:
-    """The job base image, current with this tree (a no-op when it already is)."""
-    from modelyo.images.base import DEFAULT_TAG, build_base
-
-    build_base(console=Console(stderr=True, quiet=True))
-    return DEFAULT_TAG
-
-
-@pytest.fixture(scope="module")
-def local_stack(tmp_path_factory) -> Iterator[dev.StackInfo]:
-    directory = tmp_path_factory.mktemp("kernel-stack") / "dev"
-    info = dev.up(directory, ca_port=0)
-    try:
-        yield info
-    finally:
-        dev.down(directory)
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("notebook")
 
 
 @pytest.fixture(scope="module")
-def kernel(local_stack, base_image, workdir, tmp_path_factory) -> Iterator[Kernel]:
+def kernel(module_stack, base_image, workdir) -> Iterator[Kernel]:
     """A kernel started as a kernelspec with `--ext modelyo_jupyter` would start it."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("MODELYO_CA_URL", "MODELYO_TDX_URL", "MODELYO_SIM_DIR")
-    }
-    env["MODELYO_DEV_DIR"] = local_stack.dev_dir
-    env["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg"))
+    env = dict(os.environ)  # module_stack's: the stack's dev dir, no other endpoints
     manager, client = start_new_kernel(
         kernel_name="python3",
         extra_arguments=["--ext", "modelyo_jupyter"],

@@ -12,7 +12,6 @@ repository's notebooks/ folder is never written to.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from rich.console import Console
 
 from modelyo.cli.main import main
 from modelyo_jupyter.papermill_io import EncryptedNotebookHandler
@@ -33,17 +31,8 @@ PYTHON = sys.executable  # the venv's interpreter: its kernel, nbval and papermi
 TIMEOUT = 900
 
 
-@pytest.fixture(scope="module")
-def job_base_image(docker_client):
-    """The job image for the current tree (rebuilt only when modelyo/ changed; `make test`
-    already did this, so it is a quick check there)."""
-    from modelyo.images import base
-
-    base.build_base(console=Console(file=io.StringIO()))
-
-
 @pytest.fixture
-def workdir(stack, job_base_image, tmp_path, monkeypatch):
+def workdir(stack, base_image, tmp_path, monkeypatch):
     """A scratch folder to run notebooks in, as the current directory."""
     work = tmp_path / "work"
     work.mkdir()

@@ -251,7 +251,7 @@ def test_rotation_with_static_keys_keeps_old_files_readable(tmp_path):
 
 def test_without_a_workspace_it_asks_for_attestation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NotAttestedError, match=r"run `%modelyo attest` \(or `modelyo attest`\)"):
+    with pytest.raises(NotAttestedError, match=r"`%modelyo attest` in a notebook, or `modelyo"):
         write_encrypted_parquet(_frame(), tmp_path / "d.parquet")
     assert not (tmp_path / "d.parquet").exists()
 

@@ -167,8 +167,11 @@ def _read_frame(source: BinaryIO | bytes) -> tuple[pd.DataFrame, dict[str, Any]]
 
     if isinstance(source, bytes | bytearray | memoryview):
         source = pa.BufferReader(source)  # type: ignore[assignment]
-    elif not _seekable(source):
-        # Parquet's footer is at the end: a pipe has to be read whole first.
+    else:
+        # Read whole (compressed Parquet, smaller than the frame) and never hand Arrow a
+        # Python file object: Arrow's thread pool then aborts the interpreter now and then at
+        # exit ("terminate called without an active exception"; apache/arrow#34314, #50482),
+        # seen here in about one run in ten. A pipe would have to be read whole anyway.
         source = pa.BufferReader(source.read())  # type: ignore[assignment]
     try:
         table = pq.read_table(source)
@@ -184,13 +187,6 @@ def _read_frame(source: BinaryIO | bytes) -> tuple[pd.DataFrame, dict[str, Any]]
     if meta:
         frame = _restore(frame, meta)
     return frame, meta
-
-
-def _seekable(stream: Any) -> bool:
-    try:
-        return bool(stream.seekable())
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def _wanted(record: dict[str, Any]) -> Any:
