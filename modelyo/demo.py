@@ -260,6 +260,7 @@ def _run_quickstart(demo: Demo, project: Path) -> None:
         import nbformat
         import papermill
 
+        from modelyo_jupyter.kernels import PrivateKernelManager
         from modelyo_jupyter.papermill_io import EncryptedNotebookHandler
     except ImportError as exc:
         demo.expect("the jupyter extra is installed", False, f"{exc}; pip install 'modelyo[dev]'")
@@ -274,6 +275,8 @@ def _run_quickstart(demo: Demo, project: Path) -> None:
             output,
             cwd=str(project),
             kernel_name="python3",
+            # The kernel holds the decrypted frame: Unix sockets only this user can open.
+            kernel_manager_class=PrivateKernelManager,
             progress_bar=False,
             log_output=False,
         )

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.manager import start_new_kernel
 
 from modelyo.api.ca import CaPolicy
 from modelyo.client.ca import CaClient
 from modelyo.workspace import Workspace
+from modelyo_jupyter.kernels import PrivateKernelManager
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -111,16 +112,18 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def kernel(module_stack, base_image, workdir) -> Iterator[Kernel]:
-    """A kernel started as a kernelspec with `--ext modelyo_jupyter` would start it."""
-    env = dict(os.environ)  # module_stack's: the stack's dev dir, no other endpoints
-    manager, client = start_new_kernel(
-        kernel_name="python3",
+    """A kernel started as a kernelspec with `--ext modelyo_jupyter` would start it, on
+    private Unix sockets (as `make demo` runs the quickstart)."""
+    manager = PrivateKernelManager(kernel_name="python3")
+    manager.start_kernel(
         extra_arguments=["--ext", "modelyo_jupyter"],
         cwd=str(workdir),
-        env=env,
-        startup_timeout=120,
+        env=dict(os.environ),  # module_stack's: the stack's dev dir, no other endpoints
     )
+    client = manager.client()
+    client.start_channels()
     try:
+        client.wait_for_ready(timeout=120)
         yield Kernel(manager, client)
     finally:
         client.stop_channels()
@@ -368,3 +371,18 @@ def test_a_key_id_the_vm_may_not_use_is_refused(kernel, attested, workdir):
             assert ok.value("y") == "2"
         finally:
             ca.set_policy(original)
+
+
+def test_the_kernel_listens_on_private_unix_sockets_only(kernel, workdir):
+    """No loopback TCP port for the kernel that holds decrypted data: Unix sockets in the
+    user's 0700 runtime folder, none in the notebook's folder."""
+    manager = kernel.manager
+    assert manager.transport == "ipc"
+    prefix = Path(manager.ip)
+    assert prefix.is_absolute()
+    assert stat.S_IMODE(prefix.parent.stat().st_mode) == 0o700
+    sockets = sorted(prefix.parent.glob(prefix.name + "-*"))
+    assert len(sockets) == 5 and all(stat.S_ISSOCK(s.stat().st_mode) for s in sockets)
+    assert not any(workdir.glob("*ipc*"))
+    result = kernel.run("print(6 * 7)")
+    assert result.ok and result.stdout.strip() == "42"
