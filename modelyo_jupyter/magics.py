@@ -10,6 +10,8 @@ shows the traceback from the attested VM instead.
 from __future__ import annotations
 
 import argparse
+import codecs
+import itertools
 import json
 import keyword
 import sys
@@ -567,10 +569,19 @@ class ModelyoMagics(Magics):
 
         workspace = Workspace.here()
         require_attested(workspace)
+        decoders = {
+            stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for stream in ("stdout", "stderr")
+        }
         with AgentClient.for_owner(workspace) as agent:
-            for chunk in agent.logs(args.name, follow=args.follow):
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                sys.stdout.flush()
+            pairs = agent.logs(args.name, follow=args.follow, separate=True)
+            # Two empty final pieces flush what the decoders hold (a cut-off character).
+            ends: list[tuple[str, bytes | None]] = [("stdout", None), ("stderr", None)]
+            for stream, data in itertools.chain(pairs, ends):
+                text = decoders[stream].decode(data or b"", final=data is None)
+                target = sys.stderr if stream == "stderr" else sys.stdout
+                target.write(text)
+                target.flush()
 
     @magic_arguments()
     @argument(

@@ -164,6 +164,8 @@ def card_display(card: Card) -> Any:
 # --- job progress -------------------------------------------------------------------------------
 
 LABEL_INTERVAL = 0.5  # seconds between elapsed-time updates of the status line
+# Text mode: a transfer of known size prints at each quarter; of unknown size, this often.
+TEXT_TRANSFER_INTERVAL = 10.0
 PHASES = ("packaging", "uploading", "starting", "running", "collecting", "done")
 FINAL_PHASES = {
     "done": "success",
@@ -171,6 +173,16 @@ FINAL_PHASES = {
     "timed out": "danger",
     "interrupted": "warning",
 }
+
+
+def format_transfer(done: int, total: int | None) -> str:
+    """'120.5/480.0 MiB', or '120.5 MiB' when the total is unknown (one unit for both)."""
+    largest = max(done, total or 0)
+    unit, scale = next(
+        ((u, f) for u, f in (("GiB", 1 << 30), ("MiB", 1 << 20)) if largest >= f), ("KiB", 1024)
+    )
+    text = f"{done / scale:.1f}"
+    return (f"{text}/{total / scale:.1f}" if total is not None else text) + f" {unit}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -189,6 +201,8 @@ class ProgressState:
     detail: str = ""
     changed: float = 0.0
     history: list[str] = field(default_factory=list)
+    # Bytes (done, total or None) of the current phase's transfer, if it reported one.
+    transfer: tuple[int, int | None] | None = None
 
     @property
     def final(self) -> bool:
@@ -199,14 +213,21 @@ class ProgressState:
         if self.phase == "done":
             return 1.0
         if self.phase in PHASES:
-            return PHASES.index(self.phase) / (len(PHASES) - 1)
+            step = 1 / (len(PHASES) - 1)
+            share = 0.0
+            if self.transfer is not None and self.transfer[1]:
+                share = min(1.0, self.transfer[0] / self.transfer[1])
+            return PHASES.index(self.phase) * step + share * step
         done = [p for p in self.history if p in PHASES]
         return PHASES.index(done[-1]) / (len(PHASES) - 1) if done else 0.0
 
     def line(self, now: float) -> str:
         """One status line: the phase, the elapsed time, the detail."""
         elapsed = format_seconds(now - self.started)
-        head = f"{self.phase} in {elapsed}" if self.final else f"{self.phase} ({elapsed})"
+        phase = self.phase
+        if self.transfer is not None and not self.final:
+            phase += " " + format_transfer(*self.transfer)
+        head = f"{phase} in {elapsed}" if self.final else f"{phase} ({elapsed})"
         return f"modelyo_run: {head}" + (f": {self.detail}" if self.detail else "")
 
 
@@ -215,8 +236,10 @@ class JobProgress:
 
     Phases go to a status widget (an HBox of an HTML line and a progress bar) in a kernel, to
     printed lines otherwise (mode "text"), or nowhere (mode "none", `-q`). The remote
-    stdout/stderr go to the cell's `sys.stdout`/`sys.stderr` as they arrive. The events are
-    called on the kernel's main thread, so widget updates and prints land in the running cell.
+    stdout/stderr go to the cell's `sys.stdout`/`sys.stderr` as they arrive. Byte counts of
+    packaging, uploading and collecting (`transfer`) show in the line ("uploading
+    120.5/480.0 MiB") and move the bar; in text mode they print at most a few lines. Output
+    and transfers may come from the job's worker threads while the cell runs.
     """
 
     def __init__(
@@ -235,6 +258,7 @@ class JobProgress:
         self._label: Any = None
         self._bar: Any = None
         self._ticked = self.state.started
+        self._printed: tuple[int, float] = (0, self.state.started)  # quarter, time
 
     # JobEvents --------------------------------------------------------------------------------
 
@@ -242,6 +266,8 @@ class JobProgress:
         now = self._clock()
         self.state.phase, self.state.detail, self.state.changed = phase, detail, now
         self.state.history.append(phase)
+        self.state.transfer = None
+        self._printed = (0, now)
         if self.mode == "text":
             print(f"[{self.state.line(now)}]", file=sys.stdout, flush=True)
         elif self.mode == "widget":
@@ -257,6 +283,33 @@ class JobProgress:
             if now - self._ticked >= LABEL_INTERVAL:
                 self._ticked = now
                 self._label.value = html.escape(self.state.line(now))
+
+    def transfer(self, phase: str, done: int, total: int | None) -> None:
+        if phase != self.state.phase or self.state.final:
+            return  # late news of a step already over
+        self.state.transfer = (done, total)
+        now = self._clock()
+        if self.mode == "widget" and self._label is not None:
+            self._ticked = now
+            self._label.value = html.escape(self.state.line(now))
+            self._bar.value = self.state.fraction()
+        elif self.mode == "text" and self._text_due(done, total, now):
+            print(f"[{self.state.line(now)}]", file=sys.stdout, flush=True)
+
+    def _text_due(self, done: int, total: int | None, now: float) -> bool:
+        """Whether a transfer deserves a printed line: each new quarter of a known size,
+        every TEXT_TRANSFER_INTERVAL seconds of an unknown one."""
+        quarter, printed = self._printed
+        if total:
+            reached = min(4, done * 4 // total)
+            if reached > quarter:
+                self._printed = (reached, now)
+                return True
+            return False
+        if now - printed >= TEXT_TRANSFER_INTERVAL:
+            self._printed = (quarter, now)
+            return True
+        return False
 
     # display ----------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio.from_thread
 from cryptography import x509
@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from modelyo.api import agent as api
+from modelyo.api import logframes
 from modelyo.service.http import error_responses, install_error_handlers, peer_certificate
 from tdx_agent.service import AgentService
 
@@ -188,9 +189,22 @@ def create_app(service: AgentService) -> FastAPI:
         responses=_ERRORS,
         summary="The container's output, streamed (follow: until it exits)",
     )
-    async def logs(name: Name, peer: Peer, follow: bool = False) -> StreamingResponse:
-        stream = await run_in_threadpool(service.logs, peer, name, follow)
-        return StreamingResponse(stream, media_type="application/octet-stream")
+    async def logs(
+        name: Name,
+        peer: Peer,
+        follow: bool = False,
+        streams: Annotated[
+            Literal["merged", "framed"],
+            Query(
+                description="merged: the output as written, stdout and stderr mixed; framed: "
+                "log frames keeping them apart, in order (modelyo.api.logframes)"
+            ),
+        ] = "merged",
+    ) -> StreamingResponse:
+        framed = streams == "framed"
+        stream = await run_in_threadpool(service.logs, peer, name, follow, framed)
+        media_type = logframes.MEDIA_TYPE if framed else "application/octet-stream"
+        return StreamingResponse(stream, media_type=media_type)
 
     @app.get(
         api.CONTAINER_ARCHIVE,

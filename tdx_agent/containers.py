@@ -32,6 +32,7 @@ import os
 import posixpath
 import re
 import secrets
+import struct
 import tarfile
 import tempfile
 import threading
@@ -50,6 +51,7 @@ from docker.models.containers import Container
 from docker.utils import parse_repository_tag
 
 from modelyo.api.agent import ContainerInfo, ContainerSpec, ImageInfo, WaitResult
+from modelyo.api.logframes import STDERR, STDOUT, encode_frame
 from modelyo.errors import (
     ContainerConflictError,
     ContainerError,
@@ -73,6 +75,9 @@ KEY_ID_ENV = "MODELYO_KEY_ID"
 DEFAULT_STOP_TIMEOUT = 10
 _RUNNING = frozenset({"running", "restarting", "paused"})
 _CHUNK = 1 << 20
+# The engine's multiplexed stream: stream type, 3 zero bytes, big-endian length.
+ENGINE_HEADER = struct.Struct(">BxxxL")
+_ENGINE_STREAMS = {1: STDOUT, 2: STDERR}
 _MAX_MEMBERS = 100_000  # a docker save tar has a handful per layer
 _MAX_JSON = 16 << 20  # manifest.json and image configs are kilobytes
 _MAX_ETC_FILE = 1 << 20
@@ -699,13 +704,19 @@ class ContainerRuntime:
         """One container's state."""
         return self._info(self._get(name))
 
-    def logs(self, name: str, follow: bool = False) -> Iterator[bytes]:
+    def logs(self, name: str, follow: bool = False, framed: bool = False) -> Iterator[bytes]:
         """The container's output (stdout and stderr, as written); with `follow`, until it
-        exits. Unknown names fail here, not at the first iteration."""
+        exits. With `framed`, the two streams apart and in order, as log frames
+        (`modelyo.api.logframes`). Unknown names fail here, not at the first iteration."""
         container = self._get(name)
-        with _engine(f"reading the logs of {name}"):
+        what = f"reading the logs of {name}"
+        if framed:
+            with _engine(what):
+                pairs = _engine_log_frames(self._client, container, follow)
+            return _guarded((encode_frame(s, d) for s, d in pairs), what)
+        with _engine(what):
             stream = container.logs(stdout=True, stderr=True, stream=True, follow=follow)
-        return _guarded(stream, f"reading the logs of {name}")
+        return _guarded(stream, what)
 
     def wait(self, name: str, timeout: float | None = None) -> WaitResult:
         """Wait until the container exits; after `timeout` seconds return `timed_out` (exit
@@ -882,6 +893,54 @@ def _check_path(path: str) -> None:
         raise ContainerInvalidError(
             f"{path!r} is not an absolute path; give a path inside the container such as /tmp"
         )
+
+
+def _engine_log_frames(
+    client: docker.DockerClient, container: Container, follow: bool
+) -> Iterator[tuple[str, bytes]]:
+    """(stream, data) pairs of the container's logs, in the order the engine keeps them.
+
+    The docker SDK has no public way to this: `Container.logs` drops each frame's stream
+    type (docker-py issue #3253), and `attach(demux=True)` serves running containers only.
+    So the engine's documented endpoint (`GET /containers/{id}/logs`, a multiplexed stream
+    of 8-byte headers, the layout of `modelyo.api.logframes`) is called through the SDK's
+    HTTP session with its public request API, and read here. Everything engine-specific is
+    in this one function.
+    """
+    api = client.api
+    url = f"{api.base_url}/v{api.api_version}/containers/{container.id}/logs"
+    params = {"stdout": 1, "stderr": 1, "follow": int(follow), "tail": "all"}
+    # No timeout: a followed container may be quiet for longer than the SDK's default.
+    response = api.get(url, params=params, stream=True, timeout=None)
+    try:
+        response.raise_for_status()
+    except requests.HTTPError as exc:
+        response.close()
+        raise docker.errors.create_api_error_from_http_exception(exc) from None
+    tty = bool(container.attrs.get("Config", {}).get("Tty"))
+    return _read_engine_frames(response, tty)
+
+
+def _read_engine_frames(response: requests.Response, tty: bool) -> Iterator[tuple[str, bytes]]:
+    """Read the engine's multiplexed log stream; closing this closes the response."""
+    raw = response.raw
+    try:
+        if tty:  # a terminal has one stream, not multiplexed (the agent never makes these)
+            while chunk := raw.read1(1 << 16):
+                yield STDOUT, chunk
+            return
+        while header := raw.read(ENGINE_HEADER.size):
+            length = len(header) == ENGINE_HEADER.size and ENGINE_HEADER.unpack(header)[1]
+            data = raw.read(length) if length else b""
+            if len(header) < ENGINE_HEADER.size or len(data) < length:
+                raise ContainerError(
+                    "the Docker engine's log stream ended inside a frame; read the logs again"
+                )
+            stream = _ENGINE_STREAMS.get(header[0])
+            if stream and data:  # 0 would be stdin: not output
+                yield stream, data
+    finally:
+        response.close()
 
 
 def _guarded(stream: Iterator[bytes], what: str) -> Iterator[bytes]:

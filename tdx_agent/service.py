@@ -85,7 +85,7 @@ class Runtime(Protocol):
     def delete(self, name: str) -> Any: ...
     def list(self) -> list[ContainerInfo]: ...
     def inspect(self, name: str) -> ContainerInfo: ...
-    def logs(self, name: str, *, follow: bool) -> Iterator[bytes]: ...
+    def logs(self, name: str, *, follow: bool, framed: bool = ...) -> Iterator[bytes]: ...
     def wait(self, name: str, *, timeout: float | None) -> WaitResult: ...
     def get_archive(self, name: str, path: str) -> Iterator[bytes]: ...
     def put_archive(self, name: str, path: str, chunks: Iterable[bytes]) -> Any: ...
@@ -306,11 +306,18 @@ class AgentService:
         runtime = self.runtime(peer)
         self._docker(runtime.delete, name)
 
-    def logs(self, peer: x509.Certificate | None, name: str, follow: bool) -> Iterator[bytes]:
-        """The container's output; an unknown container is refused before streaming starts."""
+    def logs(
+        self, peer: x509.Certificate | None, name: str, follow: bool, framed: bool = False
+    ) -> Iterator[bytes]:
+        """The container's output (with `framed`, as log frames that keep stdout and stderr
+        apart: `modelyo.api.logframes`); an unknown container is refused before streaming
+        starts."""
         runtime = self.runtime(peer)
         self._docker(runtime.inspect, name)
-        stream = self._docker(runtime.logs, name, follow=follow)
+        if framed:
+            stream = self._docker(runtime.logs, name, follow=follow, framed=True)
+        else:
+            stream = self._docker(runtime.logs, name, follow=follow)
         return self._first_then_rest(stream, prefetch=False)
 
     def get_archive(self, peer: x509.Certificate | None, name: str, path: str) -> Iterator[bytes]:

@@ -565,6 +565,58 @@ def test_job_progress_text_mode_prints_phase_lines(capsys):
     assert out == "[modelyo_run: uploading (0.0 s): 3 MB]\nout\n" and err == "err\n"
 
 
+def test_job_progress_widget_shows_bytes_moved():
+    clock, shown = _Clock(), []
+    progress = widgets.JobProgress(
+        "widget", clock=clock, display=lambda obj, display_id: shown.append(obj)
+    )
+    progress.phase("packaging", "1 input(s)")
+    label, bar = shown[0].children
+    progress.transfer("packaging", 3 * 2**20, None)
+    assert "packaging 3.0 MiB (0.0 s): 1 input(s)" in label.value and bar.value == 0.0
+    progress.phase("uploading", "job-1")
+    assert "uploading (0.0 s)" in label.value  # a new phase starts without bytes
+    progress.transfer("uploading", int(120.5 * 2**20), 480 * 2**20)
+    assert "uploading 120.5/480.0 MiB (0.0 s): job-1" in label.value
+    assert bar.value == pytest.approx(0.2 + 0.2 * 120.5 / 480)
+    progress.transfer("uploading", 480 * 2**20, 480 * 2**20)
+    assert bar.value == pytest.approx(0.4)
+    progress.transfer("packaging", 1, None)  # late news of an earlier step: ignored
+    assert "uploading 480.0/480.0 MiB" in label.value
+    progress.phase("collecting")
+    progress.transfer("collecting", 1536, None)
+    assert "collecting 1.5 KiB (0.0 s)" in label.value
+    progress.phase("done")
+    assert progress.text() == "modelyo_run: done in 0.0 s" and bar.value == 1.0
+
+
+def test_job_progress_text_mode_prints_a_few_transfer_lines(capsys):
+    clock = _Clock()
+    progress = widgets.JobProgress("text", clock=clock)
+    progress.phase("uploading")
+    total = 2**30
+    for n in range(1, 101):  # a hundred reports, a tenth of a second apart
+        clock.now += 0.1
+        progress.transfer("uploading", total * n // 100, total)
+    progress.phase("collecting")
+    for n in range(1, 301):  # thirty seconds of unknown size
+        clock.now += 0.1
+        progress.transfer("collecting", n * 2**20, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [
+        "[modelyo_run: uploading (0.0 s)]",
+        "[modelyo_run: uploading 0.2/1.0 GiB (2.5 s)]",
+        "[modelyo_run: uploading 0.5/1.0 GiB (5.0 s)]",
+        "[modelyo_run: uploading 0.8/1.0 GiB (7.5 s)]",
+        "[modelyo_run: uploading 1.0/1.0 GiB (10.0 s)]",
+    ]
+    assert lines[5] == "[modelyo_run: collecting (10.0 s)]"
+    # Unknown size: a line every ten seconds or so, not three hundred.
+    assert 2 <= len(lines[6:]) <= 3
+    assert all(line.startswith("[modelyo_run: collecting ") for line in lines[6:])
+    assert lines[6].startswith("[modelyo_run: collecting 10") and "MiB" in lines[6]
+
+
 def test_progress_mode_choice(ipython):
     assert magics.progress_mode(ipython, quiet=True) == "none"
     assert magics.progress_mode(ipython, quiet=False) == "text"  # no kernel here

@@ -19,9 +19,14 @@ the tool stores it with that intermediate as `tdx_client.pem` (leaf first).
 | POST   /v1/containers/{name}/stop                | owner            |
 | POST   /v1/containers/{name}/wait?timeout=S      | owner            |
 | GET    /v1/containers/{name}/logs?follow=BOOL    | owner (streamed) |
+|        &streams=merged (default) or framed       |                  |
 | GET    /v1/containers/{name}/archive?path=P      | owner (tar out)  |
 | PUT    /v1/containers/{name}/archive?path=P      | owner (tar in)   |
 | DELETE /v1/containers/{name}                     | owner            |
+
+Logs come as the container wrote them, stdout and stderr mixed (`streams=merged`, the
+default), or as frames that keep them apart in their order (`streams=framed`, media type
+`application/vnd.modelyo.log-frames`; the format is in `modelyo.api.logframes`).
 
 Errors are JSON `{"error": CODE, "detail": "…"}` as for the CA (`modelyo.api.ca.ErrorBody`):
 400 bad input, 401 no client certificate, 403 not the owner, 404 unknown image or container,

@@ -200,11 +200,12 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the container exits.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, follow: bool) -> None:
-    """Print a container's output."""
+    """Print a container's output: its stdout to stdout, its stderr to stderr."""
     with _client(ctx) as client:
-        for chunk in client.logs(name, follow=follow):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+        for stream, data in client.logs(name, follow=follow, separate=True):
+            target = sys.stderr.buffer if stream == "stderr" else sys.stdout.buffer
+            target.write(data)
+            target.flush()
 
 
 @docker.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 import httpx
 from cryptography import x509
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from modelyo import pki
 from modelyo.api import agent as api
+from modelyo.api import logframes
 from modelyo.attestation import binding
 from modelyo.attestation.policy import TdxPolicy
 from modelyo.attestation.verify import TrustRoot, Verdict
@@ -263,9 +264,25 @@ class AgentClient:
             raise self._error(exc) from None
         return parse_response(api.WaitResult, response, self.url)
 
-    def logs(self, name: str, *, follow: bool = False) -> Iterator[bytes]:
+    @overload
+    def logs(
+        self, name: str, *, follow: bool = ..., separate: Literal[False] = ...
+    ) -> Iterator[bytes]: ...
+    @overload
+    def logs(
+        self, name: str, *, follow: bool = ..., separate: Literal[True]
+    ) -> Iterator[tuple[str, bytes]]: ...
+    def logs(
+        self, name: str, *, follow: bool = False, separate: bool = False
+    ) -> Iterator[bytes] | Iterator[tuple[str, bytes]]:
+        """The container's output (with `follow`, until it exits): bytes as written, stdout
+        and stderr mixed, or with `separate` ("stdout" | "stderr", bytes) pairs in the order
+        the engine received them. A stream cut off mid-frame raises `FrameError`."""
         params = {"follow": "true" if follow else "false"}
-        return self._stream("GET", api.CONTAINER_LOGS.format(name=name), params)
+        path = api.CONTAINER_LOGS.format(name=name)
+        if not separate:
+            return self._stream("GET", path, params)
+        return logframes.decode_frames(self._stream("GET", path, {**params, "streams": "framed"}))
 
     def get_archive(self, name: str, path: str) -> Iterator[bytes]:
         return self._stream("GET", api.CONTAINER_ARCHIVE.format(name=name), {"path": path})

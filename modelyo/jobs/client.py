@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -64,6 +64,8 @@ EXIT_USER_ERROR = 1
 TAIL_LINES = 30
 _CHUNK = 1 << 20
 _POLL = 0.05
+# Seconds between two `transfer` events of one step (besides its last).
+TRANSFER_INTERVAL = 0.1
 
 
 @dataclass
@@ -89,16 +91,28 @@ class JobEvents(Protocol):
         timed out, interrupted."""
 
     def output(self, stream: str, text: str) -> None:
-        """Output of the code as it arrives ("stdout"; the agent merges stderr into it)."""
+        """Output of the code as it arrives, "stdout" or "stderr" (in the order the
+        container's engine received it)."""
+
+    # Optional (called only when defined; `NullEvents` has it):
+    # def transfer(self, phase: str, done: int, total: int | None) -> None:
+    #     """Bytes done of a long step: "packaging" (input bytes encoded so far, total
+    #     unknown), "uploading" (bytes of the sealed bundle sent, of its size), "collecting"
+    #     (bytes of the sealed result received, total unknown). At most about
+    #     TRANSFER_INTERVAL apart, and once at the end of each step; possibly from a worker
+    #     thread."""
 
 
 class NullEvents:
-    """Reports nothing."""
+    """Reports nothing; a base class for events that report only some things."""
 
     def phase(self, phase: str, detail: str = "") -> None:
         pass
 
     def output(self, stream: str, text: str) -> None:
+        pass
+
+    def transfer(self, phase: str, done: int, total: int | None) -> None:
         pass
 
 
@@ -119,6 +133,48 @@ class JobResult:
     container: str
     exit_code: int
     seconds: float
+
+
+class _Transfer:
+    """Counts the bytes of one step and reports them to `events.transfer`, if it has one,
+    at most every TRANSFER_INTERVAL seconds, and once more at the end (`finish`)."""
+
+    def __init__(
+        self,
+        events: JobEvents,
+        phase: str,
+        total: int | None = None,
+        *,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self._report = getattr(events, "transfer", None)
+        self.phase, self.total, self.done = phase, total, 0
+        self._clock = clock
+        self._last = -TRANSFER_INTERVAL
+        self._reported = -1
+
+    def add(self, count: int) -> None:
+        if not count:
+            return
+        self.done += count
+        if self._report is not None and self._clock() - self._last >= TRANSFER_INTERVAL:
+            self._emit()
+
+    def finish(self) -> None:
+        if self._report is not None and self._reported != self.done:
+            self._emit()
+
+    def _emit(self) -> None:
+        self._last = self._clock()
+        self._reported = self.done
+        self._report(self.phase, self.done, self.total)  # type: ignore[misc]
+
+    def counted(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """`chunks`, counted as they are taken."""
+        for chunk in chunks:
+            yield chunk
+            self.add(len(chunk))
+        self.finish()
 
 
 # --- packaging -----------------------------------------------------------------------------------
@@ -150,21 +206,26 @@ def package(spec: JobSpec) -> tuple[JobManifest, dict[str, Encoding]]:
 
 
 def seal_bundle(
-    manifest: JobManifest, encodings: Mapping[str, Encoding], keys: KeySource, key_id: str
+    manifest: JobManifest,
+    encodings: Mapping[str, Encoding],
+    keys: KeySource,
+    key_id: str,
+    progress: _Transfer | None = None,
 ) -> IO[bytes]:
     """Encode the inputs, tar and encrypt the bundle, through a pipe, into an anonymous temp
     file (ciphertext only); return it rewound.
 
     A tar member's size comes before its bytes, so each input is encoded into memory first,
     one at a time, and streamed into the tar from there (not copied again); only one encoded
-    input exists at any time.
+    input exists at any time. `progress` counts the encoded input bytes as they are made
+    (from the encoding thread).
     """
     sealed = tempfile.TemporaryFile(prefix="modelyo-job-")
 
     def produce(pipe: PipeSink) -> None:
         with BundleWriter(pipe, manifest) as bundle:  # type: ignore[arg-type]
             for entry in manifest.inputs:
-                encoded = _Checked(pipe)
+                encoded = _Checked(pipe, progress)
                 write_planned(encodings[entry.file], encoded)
                 with encoded.getbuffer() as view:
                     bundle.add_bytes(entry.file, view)
@@ -175,6 +236,8 @@ def seal_bundle(
     except BaseException:
         sealed.close()
         raise
+    if progress is not None:
+        progress.finish()
     sealed.seek(0)
     return sealed
 
@@ -183,17 +246,24 @@ class _Checked(io.BytesIO):
     """An in-memory buffer whose writes stop when the pipe's consumer did (Ctrl-C, the
     encrypter failed), so encoding a large input does not run on for nothing."""
 
-    def __init__(self, pipe: PipeSink) -> None:
+    def __init__(self, pipe: PipeSink, progress: _Transfer | None = None) -> None:
         super().__init__()
         self._pipe = pipe
+        self._progress = progress
 
     def write(self, data: Any) -> int:
         self._pipe.check()
-        return super().write(data)
+        written = super().write(data)
+        if self._progress is not None:
+            self._progress.add(written)
+        return written
 
 
-def tar_one_file(name: str, handle: IO[bytes]) -> Iterator[bytes]:
-    """A ustar archive holding `handle`'s bytes as `name`, in upload-sized chunks."""
+def tar_one_file(
+    name: str, handle: IO[bytes], progress: _Transfer | None = None
+) -> Iterator[bytes]:
+    """A ustar archive holding `handle`'s bytes as `name`, in upload-sized chunks;
+    `progress` counts `handle`'s bytes as they are taken (sent)."""
     handle.seek(0, io.SEEK_END)
     size = handle.tell()
     handle.seek(0)
@@ -202,6 +272,10 @@ def tar_one_file(name: str, handle: IO[bytes]) -> Iterator[bytes]:
     yield info.tobuf(format=tarfile.USTAR_FORMAT)
     while chunk := handle.read(_CHUNK):
         yield chunk
+        if progress is not None:
+            progress.add(len(chunk))
+    if progress is not None:
+        progress.finish()
     yield b"\0" * (-size % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
@@ -255,34 +329,39 @@ def remote_error(outcome: JobOutcome) -> RemoteExecutionError:
 
 
 class _LogReader(threading.Thread):
-    """Follows the container's output and hands it to `events.output`, decoded as UTF-8."""
+    """Follows the container's stdout and stderr (apart, in order) and hands them to
+    `events.output`, each decoded as UTF-8 on its own (a character may span two frames)."""
 
     def __init__(self, agent: AgentClient, name: str, events: JobEvents) -> None:
         super().__init__(name=f"modelyo-logs-{name}", daemon=True)
         self._agent, self._container, self._events = agent, name, events
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.error: BaseException | None = None
-        self._pending = ""
+        self._decoders = {
+            stream: codecs.getincrementaldecoder("utf-8")(errors="replace")
+            for stream in ("stdout", "stderr")
+        }
+        self._pending = {"stdout": "", "stderr": ""}
 
     def run(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
-            for chunk in self._agent.logs(self._container, follow=True):
-                self._emit(decoder.decode(chunk))
-            self._emit(decoder.decode(b"", final=True))
+            for stream, data in self._agent.logs(self._container, follow=True, separate=True):
+                self._emit(stream, self._decoders[stream].decode(data))
+            for stream, decoder in self._decoders.items():
+                self._emit(stream, decoder.decode(b"", final=True))
         except BaseException as exc:  # reported by the main thread, if it matters
             self.error = exc
 
-    def _emit(self, text: str) -> None:
+    def _emit(self, stream: str, text: str) -> None:
         if not text:
             return
-        self._events.output("stdout", text)
-        lines = (self._pending + text).split("\n")
-        self._pending = lines.pop()
+        self._events.output(stream, text)
+        lines = (self._pending[stream] + text).split("\n")
+        self._pending[stream] = lines.pop()
         self.tail.extend(lines)
 
     def last_lines(self) -> str:
-        return "\n".join([*self.tail, self._pending]).strip()
+        return "\n".join([*self.tail, *self._pending.values()]).strip()
 
 
 def _remove(agent: AgentClient, name: str, *, exited: bool = False) -> None:
@@ -328,7 +407,7 @@ def run_job(
     try:
         events.phase("packaging", f"{len(spec.inputs)} input(s)")
         manifest, encodings = package(spec)
-        sealed = seal_bundle(manifest, encodings, keys, spec.key_id)
+        sealed = seal_bundle(manifest, encodings, keys, spec.key_id, _Transfer(events, "packaging"))
         del encodings
     except ModelyoError:
         events.phase("failed")
@@ -376,7 +455,9 @@ def _run_created(
     state: _State,
 ) -> JobResult:
     try:
-        agent.put_archive(name, JOB_DIR, tar_one_file(JOB_FILE, sealed))
+        size = sealed.seek(0, io.SEEK_END)
+        upload = _Transfer(events, "uploading", size)
+        agent.put_archive(name, JOB_DIR, tar_one_file(JOB_FILE, sealed, upload))
         events.phase("starting", name)
         agent.start(name)
     except ServiceError as exc:
@@ -407,8 +488,11 @@ def _run_created(
     plain = io.BytesIO()
     with tempfile.TemporaryFile(prefix="modelyo-result-") as encrypted:
         try:
+            download = _Transfer(events, "collecting")
             untar_one_file(
-                agent.get_archive(name, f"{JOB_DIR}/{RESULT_FILE}"), RESULT_FILE, encrypted
+                download.counted(agent.get_archive(name, f"{JOB_DIR}/{RESULT_FILE}")),
+                RESULT_FILE,
+                encrypted,
             )
         except ServiceError:
             if exit_code is None:
