@@ -140,12 +140,11 @@ def read_encrypted(
 # --- pandas accessors -----------------------------------------------------------------------
 
 
-@pd.api.extensions.register_dataframe_accessor("modelyo")
-class ModelyoFrameAccessor:
-    """`df.modelyo`: encrypt this frame with Modelyo keys."""
+class _EncryptAccessor:
+    """What `df.modelyo` and `series.modelyo` share."""
 
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self._frame = frame
+    def __init__(self, value: pd.DataFrame | pd.Series) -> None:
+        self._value = value
 
     def encrypt(
         self,
@@ -155,8 +154,13 @@ class ModelyoFrameAccessor:
         keys: KeySource | None = None,
         force: bool = False,
     ) -> Path:
-        """Write this frame to `path` in Modelyo's encrypted format (see `write_encrypted`)."""
-        return write_encrypted(self._frame, path, key_id, keys=keys, force=force)
+        """Write this value to `path` in Modelyo's encrypted format (see `write_encrypted`)."""
+        return write_encrypted(self._value, path, key_id, keys=keys, force=force)
+
+
+@pd.api.extensions.register_dataframe_accessor("modelyo")
+class ModelyoFrameAccessor(_EncryptAccessor):
+    """`df.modelyo`: encrypt this frame with Modelyo keys."""
 
     def to_parquet_encrypted(
         self,
@@ -173,7 +177,7 @@ class ModelyoFrameAccessor:
         from modelyo_jupyter.parquet_kms import write_encrypted_parquet
 
         return write_encrypted_parquet(
-            self._frame,
+            self._value,
             path,
             footer_key=footer_key,
             column_keys=column_keys,
@@ -184,19 +188,5 @@ class ModelyoFrameAccessor:
 
 
 @pd.api.extensions.register_series_accessor("modelyo")
-class ModelyoSeriesAccessor:
+class ModelyoSeriesAccessor(_EncryptAccessor):
     """`series.modelyo`: encrypt this Series with Modelyo keys."""
-
-    def __init__(self, series: pd.Series) -> None:
-        self._series = series
-
-    def encrypt(
-        self,
-        path: str | os.PathLike[str],
-        key_id: str = "default",
-        *,
-        keys: KeySource | None = None,
-        force: bool = False,
-    ) -> Path:
-        """Write this Series to `path` in Modelyo's encrypted format (see `write_encrypted`)."""
-        return write_encrypted(self._series, path, key_id, keys=keys, force=force)
