@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 
 from modelyo.api.ca import CaPolicy
 from modelyo.errors import ConfigError
+from modelyo.service.options import add_server_arguments, parse_listen
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
@@ -33,26 +33,6 @@ class CaConfig:
     vm_policy: Path | None = None
     gramine_dir: Path = Path("/dev/attestation")
     log_level: str = "info"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`); port 0 picks a free port."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"--listen {value!r} is not HOST:PORT (e.g. 127.0.0.1:8443)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"--listen {value!r}: {host!r} is not an IPv6 address") from None
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"--listen {value!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--listen {value!r}: port must be 0 to 65535")
-    return host, port
 
 
 def load_vm_policy(path: Path) -> CaPolicy:
@@ -77,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelyo-ca",
         description="The Modelyo CA and key service (HTTPS, TLS 1.3). See docs/ca.md.",
     )
-    parser.add_argument(
-        "--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any)"
-    )
-    parser.add_argument(
-        "--state-dir", required=True, type=Path, metavar="DIR", help="sealed state directory"
-    )
+    add_server_arguments(parser, state_help="sealed state directory")
     parser.add_argument(
         "--platform",
         choices=("simulated", "gramine"),

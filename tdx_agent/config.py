@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from modelyo.errors import ConfigError
+from modelyo.service.options import add_server_arguments, parse_listen
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CONFIG_FORMAT = "modelyo-agent-config-v1"
@@ -123,22 +124,6 @@ def mr_config_id(measured: dict[str, object]) -> bytes:
 # --- parsing ---------------------------------------------------------------------------------
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`); port 0 picks a free port."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"--listen {value!r} is not HOST:PORT (e.g. 127.0.0.1:8444)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"--listen {value!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--listen {value!r}: port must be 0 to 65535")
-    return host, port
-
-
 def parse_size(value: str, option: str) -> int:
     """A byte count: `123`, `512M`, `32G`, `1TiB` (binary units)."""
     match = _SIZE.match(value.strip())
@@ -178,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelyo-agent",
         description="The Modelyo agent in a TDX VM (HTTPS, TLS 1.3). See docs/agent.md.",
     )
-    parser.add_argument(
-        "--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any)"
-    )
-    parser.add_argument(
-        "--state-dir", required=True, type=Path, metavar="DIR", help="the agent's state (0700)"
-    )
+    add_server_arguments(parser, state_help="the agent's state (0700)")
     parser.add_argument("--ca", required=True, metavar="URL", help="the Modelyo CA (measured)")
     parser.add_argument(
         "--ca-mrenclave",
